@@ -1,0 +1,1 @@
+"""STCN: network, memory and inference core, losses, trainer and evaluation."""
