@@ -1,0 +1,177 @@
+"""STCN building blocks: encoders, fusion with CBAM attention, key projection, decoder.
+
+Attribute names follow the official checkpoint layout (see the reference state-dict
+lists), which is why some read oddly: the key encoder's first stage is ``res2``, the
+CBAM gates are ``ChannelGate`` / ``SpatialGate`` and the spatial conv sits at
+``SpatialGate.spatial.conv``.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stcn import resnet
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: x + conv2(relu(conv1(relu(x)))).
+
+    When the widths differ, the skip path is a 3x3 conv named ``downsample`` (it does
+    not change the resolution; the name is the checkpoint's).
+    """
+
+    def __init__(self, in_dim: int, out_dim: Optional[int] = None):
+        super().__init__()
+        out_dim = in_dim if out_dim is None else out_dim
+        self.downsample = None if in_dim == out_dim else nn.Conv2d(in_dim, out_dim, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_dim, out_dim, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.conv2(F.relu(self.conv1(F.relu(x))))
+        skip = x if self.downsample is None else self.downsample(x)
+        return skip + r
+
+
+class ChannelGate(nn.Module):
+    """CBAM channel attention: a shared MLP on global average- and max-pooled features."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = channels // reduction
+        # Index 0 flattens so the Linear layers sit at mlp.1 / mlp.3 as in the checkpoint.
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg = self.mlp(F.adaptive_avg_pool2d(x, 1))
+        mx = self.mlp(F.adaptive_max_pool2d(x, 1))
+        scale = torch.sigmoid(avg + mx)[:, :, None, None]
+        return x * scale
+
+
+class SpatialGate(nn.Module):
+    """CBAM spatial attention: 7x7 conv over the [max, mean] of the channels."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        self.spatial = nn.ModuleDict({"conv": nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.max(dim=1, keepdim=True)[0], x.mean(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial["conv"](pooled))
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module: channel gate, then spatial gate."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.ChannelGate = ChannelGate(channels, reduction)
+        self.SpatialGate = SpatialGate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.SpatialGate(self.ChannelGate(x))
+
+
+class FeatureFusion(nn.Module):
+    """Fuses the value encoder's features with the key encoder's f16 (1/16 scale)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.block1 = ResBlock(in_dim, out_dim)
+        self.attention = CBAM(out_dim)
+        self.block2 = ResBlock(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor, key_f16: torch.Tensor) -> torch.Tensor:
+        x = self.block1(torch.cat([x, key_f16], dim=1))
+        return self.block2(x + self.attention(x))
+
+
+class KeyEncoder(nn.Module):
+    """ResNet-50 stem and stages 1-3 (stage 1 named ``res2``) -> f16, f8, f4."""
+
+    def __init__(self):
+        super().__init__()
+        net = resnet.resnet50(num_stages=3)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.res2, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(image))))
+        f4 = self.res2(x)          # 1/4, 256
+        f8 = self.layer2(f4)       # 1/8, 512
+        f16 = self.layer3(f8)      # 1/16, 1024
+        return f16, f8, f4
+
+
+class ValueEncoder(nn.Module):
+    """ResNet-18 (convs with biases) on RGB + mask channels, stages 1-3, then fusion
+    with the key encoder's f16 -> 512 channels at 1/16.
+
+    ``num_mask_channels`` is 1 for the single-object stage-0 network (the object's
+    mask) and 2 otherwise (the object's mask, then the sum of the other objects').
+    """
+
+    def __init__(self, num_mask_channels: int):
+        super().__init__()
+        self.num_mask_channels = num_mask_channels
+        net = resnet.resnet18(in_channels=3 + num_mask_channels, conv_bias=True, num_stages=3)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.fuser = FeatureFusion(1024 + 256, 512)
+
+    def forward(self, image: torch.Tensor, key_f16: torch.Tensor,
+                masks: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, H, W), key_f16 (B, 1024, H/16, W/16), masks (B, C_mask, H, W)."""
+        x = torch.cat([image, masks], dim=1)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))   # 1/16, 256
+        return self.fuser(x, key_f16)
+
+
+class KeyProjection(nn.Module):
+    """3x3 conv from f16 to the key space; orthogonal weights, zero bias at init."""
+
+    def __init__(self, in_dim: int, key_dim: int):
+        super().__init__()
+        self.key_proj = nn.Conv2d(in_dim, key_dim, 3, padding=1)
+        nn.init.orthogonal_(self.key_proj.weight)
+        nn.init.zeros_(self.key_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.key_proj(x)
+
+
+class UpsampleBlock(nn.Module):
+    """Adds a 3x3-conv'd skip feature to the bilinearly upsampled coarser feature."""
+
+    def __init__(self, skip_dim: int, up_dim: int, out_dim: int, scale_factor: int = 2):
+        super().__init__()
+        self.skip_conv = nn.Conv2d(skip_dim, up_dim, 3, padding=1)
+        self.out_conv = ResBlock(up_dim, out_dim)
+        self.scale_factor = scale_factor
+
+    def forward(self, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(up, scale_factor=self.scale_factor, mode="bilinear", align_corners=False)
+        return self.out_conv(self.skip_conv(skip) + up)
+
+
+class Decoder(nn.Module):
+    """[memory readout, query value] at 1/16 -> one mask logit at full resolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.compress = ResBlock(1024, 512)
+        self.up_16_8 = UpsampleBlock(512, 512, 256)
+        self.up_8_4 = UpsampleBlock(256, 256, 256)
+        self.pred = nn.Conv2d(256, 1, 3, padding=1)
+
+    def forward(self, f16: torch.Tensor, f8: torch.Tensor, f4: torch.Tensor) -> torch.Tensor:
+        x = self.compress(f16)
+        x = self.up_16_8(f8, x)
+        x = self.up_8_4(f4, x)
+        x = self.pred(F.relu(x))
+        return F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
