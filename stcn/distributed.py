@@ -1,0 +1,102 @@
+"""Process placement from torchrun's environment: device, rank and world size.
+
+torchrun (one per node, e.g. under `srun`) sets RANK, WORLD_SIZE and LOCAL_RANK for every
+worker. The device comes from LOCAL_RANK (GPU index on this node); the data split comes
+from RANK/WORLD_SIZE, so multi-node runs need nothing more. Without torchrun the trainer is
+one process with no process group (rank 0 of 1). The backend is NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistributedContext:
+    """Read torchrun's environment, pick the device and join the process group if launched by it.
+
+    device: "cuda", "cpu" or None (CUDA when available). With CUDA the GPU is LOCAL_RANK.
+    """
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but CUDA is not available here")
+        torch_device = torch.device("cuda", local_rank if device == "cuda" else torch.device(device).index)
+        torch.cuda.set_device(torch_device)
+    else:
+        torch_device = torch.device(device)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    if launched and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    elif world_size > 1 and not launched:
+        raise RuntimeError(f"WORLD_SIZE={world_size} but no MASTER_ADDR: launch multi-process runs with torchrun")
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all ranks (identity in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on at least one rank, so all ranks take the same decision."""
+    if dist.is_available() and dist.is_initialized():
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+    return flag
+
+
+__all__ = ["DistributedContext", "init_distributed", "cleanup", "barrier", "all_reduce_mean", "any_rank"]

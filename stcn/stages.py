@@ -1,0 +1,192 @@
+"""The four STCN training stages as data: published defaults in one place, overridable.
+
+A stage says how long to train, at which batch size and learning rate, which shard sets to
+stream, and how the frame-distance (max skip) curriculum moves. Everything that counts
+iterations (learning-rate steps, the bootstrapped-CE warm-up) is stored at the published
+scale and rescaled with `StageConfig.with_iterations`, so a 200-iteration test run goes
+through the same schedule shape as the 300K-iteration published run.
+
+Shard sets follow the pipeline's naming: `<root>/static` for stage 0 and
+`<root>/<source>/skip<S>` for the video sources, S being the curriculum's max skip (the
+YouTubeVOS sets already divide their gap by 5 when they are made). A phase may instead
+name its shard sets explicitly (`sets`), e.g. from a YAML override file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+@dataclass(frozen=True)
+class SkipPhase:
+    """One step of the max-skip curriculum.
+
+    start: fraction of the stage's iterations at which this phase begins (0 for the first).
+    max_skip: the curriculum's largest frame gap, or None for static image stages.
+    sets: explicit shard set URL -> sampling weight; None derives them from the shard root.
+    """
+
+    start: float
+    max_skip: int | None
+    sets: Mapping[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything that defines one training stage. Iteration counts are absolute."""
+
+    stage: int
+    iterations: int
+    batch_size: int  # per GPU (per process)
+    lr: float
+    lr_steps: tuple[int, ...]  # iterations at which lr is multiplied by lr_gamma
+    single_object: bool
+    sources: Mapping[str, float]  # source name -> sampling weight (DAVIS x5 + YouTubeVOS x1)
+    phases: tuple[SkipPhase, ...]
+    lr_gamma: float = 0.1
+    weight_decay: float = 1e-7
+    bootstrap_start: int = 20_000  # plain CE before this iteration
+    bootstrap_end: int = 70_000  # kept fraction reaches bootstrap_final_fraction here
+    bootstrap_final_fraction: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.iterations <= 0 or self.batch_size <= 0 or self.lr <= 0:
+            raise ValueError(f"stage {self.stage}: iterations, batch_size and lr must be positive")
+        if not self.phases or self.phases[0].start != 0:
+            raise ValueError(f"stage {self.stage}: the first skip phase must start at 0")
+        starts = [p.start for p in self.phases]
+        if starts != sorted(starts) or starts[-1] >= 1:
+            raise ValueError(f"stage {self.stage}: phase starts must increase within [0, 1): {starts}")
+        if not 0 < self.bootstrap_final_fraction <= 1:
+            raise ValueError("bootstrap_final_fraction must be in (0, 1]")
+        if self.bootstrap_end < self.bootstrap_start:
+            raise ValueError("bootstrap_end must not come before bootstrap_start")
+
+    def with_iterations(self, iterations: int) -> "StageConfig":
+        """The same stage over `iterations`, with every iteration-counted milestone rescaled."""
+        scale = iterations / self.iterations
+        return dataclasses.replace(
+            self,
+            iterations=iterations,
+            lr_steps=tuple(round(s * scale) for s in self.lr_steps),
+            bootstrap_start=round(self.bootstrap_start * scale),
+            bootstrap_end=round(self.bootstrap_end * scale),
+        )
+
+    def phase_index(self, iteration: int) -> int:
+        """Index of the skip phase that iteration `iteration` (0-based) belongs to."""
+        index = 0
+        for i, phase in enumerate(self.phases):
+            if iteration >= round(phase.start * self.iterations):
+                index = i
+        return index
+
+    def phase_start_iteration(self, index: int) -> int:
+        return round(self.phases[index].start * self.iterations)
+
+    def phase_end_iteration(self, index: int) -> int:
+        if index + 1 < len(self.phases):
+            return self.phase_start_iteration(index + 1)
+        return self.iterations
+
+    def shard_sets(self, index: int, root: str | None) -> dict[str, float]:
+        """Shard set URL -> weight for phase `index`: explicit sets, else derived from `root`."""
+        phase = self.phases[index]
+        if phase.sets is not None:
+            return dict(phase.sets)
+        if root is None:
+            raise ValueError(
+                f"stage {self.stage} phase {index} names no shard sets: pass a shard root "
+                "(--shards ROOT) or give the phase explicit `sets` in the stage config"
+            )
+        root = root.rstrip("/")
+        if phase.max_skip is None:
+            return {f"{root}/{source}": weight for source, weight in self.sources.items()}
+        return {f"{root}/{source}/skip{phase.max_skip}": weight for source, weight in self.sources.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _video_phases(last_switch: float) -> tuple[SkipPhase, ...]:
+    # Published curriculum: 5, 10, 15, 20, 25, then back to 5 for the final stretch.
+    skips = (5, 10, 15, 20, 25, 5)
+    starts = (0.0, 0.1, 0.2, 0.3, 0.4, last_switch)
+    return tuple(SkipPhase(start=s, max_skip=k) for s, k in zip(starts, skips))
+
+
+#: Published defaults (STCN_FACTS.md, "Training").
+STAGES: dict[int, StageConfig] = {
+    0: StageConfig(
+        stage=0, iterations=300_000, batch_size=8, lr=1e-5, lr_steps=(150_000,),
+        single_object=True, sources={"static": 1.0}, phases=(SkipPhase(0.0, None),),
+    ),
+    1: StageConfig(
+        stage=1, iterations=500_000, batch_size=4, lr=1e-5, lr_steps=(400_000,),
+        single_object=False, sources={"bl30k": 1.0}, phases=_video_phases(0.8),
+    ),
+    2: StageConfig(
+        stage=2, iterations=300_000, batch_size=4, lr=1e-5, lr_steps=(250_000,),
+        single_object=False, sources={"davis": 5.0, "youtube": 1.0}, phases=_video_phases(0.9),
+    ),
+    3: StageConfig(
+        stage=3, iterations=150_000, batch_size=4, lr=1e-5, lr_steps=(125_000,),
+        single_object=False, sources={"davis": 5.0, "youtube": 1.0}, phases=_video_phases(0.9),
+    ),
+}
+
+
+def load_stage(stage: int, override: str | Path | Mapping[str, Any] | None = None) -> StageConfig:
+    """The published stage `stage`, with fields replaced from a YAML file or a mapping.
+
+    Override keys are StageConfig field names. `phases` is a list of
+    {start, max_skip, sets} mappings; `lr_steps` a list of iterations. When `iterations`
+    is overridden and `lr_steps`/`bootstrap_*` are not, those milestones are rescaled.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage}: expected one of {sorted(STAGES)}")
+    config = STAGES[stage]
+    if override is None:
+        return config
+    if not isinstance(override, Mapping):
+        path = Path(override)
+        try:
+            override = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"stage config {path} does not exist") from None
+        if not isinstance(override, Mapping):
+            raise ValueError(f"stage config {path} must hold a mapping of StageConfig fields")
+    override = dict(override)
+    known = {f.name for f in dataclasses.fields(StageConfig)}
+    unknown = set(override) - known
+    if unknown:
+        raise ValueError(f"unknown stage config keys {sorted(unknown)}: expected some of {sorted(known)}")
+    if override.get("stage", stage) != stage:
+        raise ValueError(f"stage config is for stage {override['stage']}, not stage {stage}")
+    if "iterations" in override:
+        config = config.with_iterations(int(override.pop("iterations")))
+    if "phases" in override:
+        override["phases"] = tuple(
+            SkipPhase(start=float(p["start"]), max_skip=p.get("max_skip"), sets=p.get("sets"))
+            for p in override["phases"]
+        )
+    if "lr_steps" in override:
+        override["lr_steps"] = tuple(int(s) for s in override["lr_steps"])
+    return dataclasses.replace(config, **override)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and mappings as lists and dicts, so configs round-trip through YAML/JSON."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+__all__ = ["SkipPhase", "StageConfig", "STAGES", "load_stage"]
