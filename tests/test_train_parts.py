@@ -1,0 +1,213 @@
+"""Trainer building blocks: stage configs, bootstrapped CE, online augmentation, checkpoints."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stcn.checkpoint import CheckpointManager, atomic_write_bytes, capture_rng_states, restore_rng_states
+from stcn.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
+from stcn.online_augment import OnlineAugmentation, prepare_batch
+from stcn.stages import STAGES, load_stage
+from stcn.trainer import clip_targets, select_objects
+
+
+# ----------------------------------------------------------------------------- stages
+def test_published_stage_defaults():
+    assert [STAGES[s].iterations for s in range(4)] == [300_000, 500_000, 300_000, 150_000]
+    assert [STAGES[s].batch_size for s in range(4)] == [8, 4, 4, 4]
+    assert [STAGES[s].lr_steps for s in range(4)] == [(150_000,), (400_000,), (250_000,), (125_000,)]
+    assert STAGES[0].single_object and not any(STAGES[s].single_object for s in (1, 2, 3))
+    stage1, stage2 = STAGES[1], STAGES[2]
+    assert [p.max_skip for p in stage1.phases] == [5, 10, 15, 20, 25, 5]
+    assert [p.start for p in stage1.phases][-1] == 0.8 and stage2.phases[-1].start == 0.9
+    assert stage2.sources == {"davis": 5.0, "youtube": 1.0}
+
+
+def test_skip_phases_switch_at_fractions_and_derive_shard_sets():
+    stage = load_stage(2, {"iterations": 1000})
+    assert [stage.phase_index(i) for i in (0, 99, 100, 399, 400, 899, 900, 999)] == [0, 0, 1, 3, 4, 4, 5, 5]
+    assert stage.shard_sets(1, "s3://bucket/root/") == {
+        "s3://bucket/root/davis/skip10": 5.0, "s3://bucket/root/youtube/skip10": 1.0}
+    assert load_stage(0).shard_sets(0, "/data") == {"/data/static": 1.0}
+
+
+def test_iteration_override_rescales_every_milestone():
+    stage = load_stage(3, {"iterations": 1500})
+    assert stage.lr_steps == (1250,)
+    assert (stage.bootstrap_start, stage.bootstrap_end) == (200, 700)
+
+
+def test_yaml_override_with_explicit_phase_sets(tmp_path):
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({
+        "iterations": 10, "batch_size": 2, "lr": 1e-4, "lr_steps": [8],
+        "phases": [{"start": 0.0, "max_skip": 5, "sets": {"/a": 2}},
+                   {"start": 0.5, "max_skip": 10, "sets": {"/b": 1}}],
+    }))
+    stage = load_stage(2, path)
+    assert (stage.iterations, stage.batch_size, stage.lr, stage.lr_steps) == (10, 2, 1e-4, (8,))
+    assert stage.shard_sets(stage.phase_index(7), None) == {"/b": 1}
+
+
+def test_bad_overrides_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage config keys"):
+        load_stage(1, {"iteratons": 5})
+    with pytest.raises(ValueError, match="first skip phase must start at 0"):
+        load_stage(1, {"phases": [{"start": 0.2, "max_skip": 5}]})
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_stage(1, tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="shard root"):
+        load_stage(2).shard_sets(0, None)
+
+
+# ----------------------------------------------------------------------------- losses
+def test_bootstrap_schedule_is_plain_then_linear_then_final():
+    assert bootstrap_fraction(19_999, 20_000, 70_000, 0.15) == 1.0
+    assert bootstrap_fraction(20_000, 20_000, 70_000, 0.15) == 1.0
+    assert bootstrap_fraction(45_000, 20_000, 70_000, 0.15) == pytest.approx(0.575)
+    assert bootstrap_fraction(70_000, 20_000, 70_000, 0.15) == 0.15
+    assert bootstrap_fraction(10**6, 20_000, 70_000, 0.15) == 0.15
+
+
+def test_bootstrapped_ce_keeps_the_hardest_pixels_per_sample():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    per_pixel = torch.nn.functional.cross_entropy(logits, target, reduction="none").flatten(1)
+    assert bootstrapped_cross_entropy(logits, target, 1.0) == pytest.approx(per_pixel.mean().item())
+    hardest = per_pixel.sort(dim=1, descending=True).values[:, :16].mean()
+    assert bootstrapped_cross_entropy(logits, target, 0.25) == pytest.approx(hardest.item(), rel=1e-6)
+
+
+def test_absent_second_object_is_left_out_of_the_softmax():
+    logits = torch.randn(1, 3, 4, 4)
+    target = torch.randint(0, 2, (1, 4, 4))
+    present = torch.tensor([[True, True, False]])
+    expected = torch.nn.functional.cross_entropy(logits[:, :2], target)
+    assert bootstrapped_cross_entropy(logits, target, 1.0, present) == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_mask_iou():
+    a = torch.zeros(1, 4, 4, dtype=torch.bool)
+    b = torch.zeros(1, 4, 4, dtype=torch.bool)
+    a[0, :2] = True
+    b[0, 1:3] = True
+    assert mask_iou(a, b).item() == pytest.approx(4 / 12)
+    assert mask_iou(b & False, a & False).item() == 1.0
+
+
+# ----------------------------------------------------------------------------- objects
+def test_object_selection_and_targets():
+    rng = np.random.default_rng(0)
+    metas = [{"objects": [3, 5]}, {"objects": [4]}, {"objects": []}]
+    targets, seconds = select_objects(metas, rng, single_object=False)
+    assert set([targets[0], seconds[0]]) == {3, 5} and (targets[1], seconds[1]) == (4, -1)
+    assert (targets[2], seconds[2]) == (-1, -1)
+    masks = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
+    masks[0, :, 0] = 3
+    masks[0, :, 1] = 5
+    masks[1, :, 2] = 4
+    out = clip_targets(masks, targets, seconds)
+    assert out["selector"].tolist() == [[1, 1], [1, 0], [1, 0]]
+    assert out["first"].shape == (3, 1, 4, 4) and out["second"][1:].sum() == 0
+    target_row = 0 if targets[0] == 3 else 1
+    assert (out["classes"][0, :, target_row] == 1).all() and (out["classes"][0, :, 1 - target_row] == 2).all()
+    assert (out["classes"][1, :, 2] == 1).all() and out["classes"][2].sum() == 0
+    single_targets, single_seconds = select_objects(metas[:1], rng, single_object=True)
+    assert single_seconds == [-1] and single_targets[0] in (3, 5)
+
+
+# ----------------------------------------------------------------------------- augmentation
+def _batch(b=2, size=32):
+    g = torch.Generator().manual_seed(1)
+    frames = torch.randint(0, 256, (b, 3, size, size, 3), dtype=torch.uint8, generator=g)
+    masks = torch.randint(0, 3, (b, 3, size, size), dtype=torch.uint8, generator=g)
+    return frames, masks
+
+
+def test_prepare_batch_normalises_without_online_steps():
+    frames, masks = _batch()
+    out, out_masks = prepare_batch(frames, masks, OnlineAugmentation(), torch.Generator(), "cpu")
+    expected = (frames.permute(0, 1, 4, 2, 3).float() / 255 - 0.485) / 0.229
+    assert torch.allclose(out[:, :, 0], expected[:, :, 0], atol=1e-5)
+    assert torch.equal(out_masks, masks)
+
+
+def test_online_steps_are_deterministic_and_flip_frames_with_masks():
+    frames, masks = _batch(b=8)
+    spec = ["flip", {"name": "color_jitter", "hue": 0.05}, "frame_color_jitter", {"name": "grayscale", "p": 0.5}]
+    augmentation = OnlineAugmentation.from_spec(spec)
+    a = prepare_batch(frames, masks, augmentation, torch.Generator().manual_seed(3), "cpu")
+    b = prepare_batch(frames, masks, augmentation, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    flipped = [i for i in range(8) if torch.equal(a[1][i], masks[i].flip(-1))]
+    assert 0 < len(flipped) < 8  # p = 0.5 over 8 clips
+    gray = (a[0][:, 0, 0] * 0.229 + 0.485 - (a[0][:, 0, 1] * 0.224 + 0.456)).abs().amax(dim=(1, 2)) < 1e-5
+    assert gray.any()
+    with pytest.raises(ValueError, match="unknown online augmentation step"):
+        OnlineAugmentation.from_spec(["rotate"])
+
+
+@pytest.mark.parametrize("mode", ["random", "center", "resize"])
+def test_reduced_resolution(mode):
+    frames, masks = _batch(size=64)
+    out, out_masks = prepare_batch(frames, masks, OnlineAugmentation(), torch.Generator().manual_seed(0),
+                                   "cpu", crop=32, crop_mode=mode)
+    assert out.shape == (2, 3, 3, 32, 32) and out_masks.shape == (2, 3, 32, 32)
+    assert out_masks.dtype == torch.uint8 and set(out_masks.unique().tolist()) <= {0, 1, 2}
+    if mode == "center":
+        assert torch.equal(out_masks, masks[:, :, 16:48, 16:48])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _state(iteration):
+    return {"iteration": iteration, "model": {"w": torch.full((2,), float(iteration))}}
+
+
+def test_checkpoint_retention_keeps_last_k_and_snapshots(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2, snapshot_every=4)
+    for iteration in range(1, 10):
+        manager.save(_state(iteration), iteration)
+    assert [i for i, _ in manager.checkpoints()] == [4, 8, 9]
+    state, path = manager.resolve("auto")
+    assert state["iteration"] == 9 and path.name == "checkpoint_000000009.pt"
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_resume_auto_skips_corrupt_checkpoints(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(_state(1), 1)
+    manager.save(_state(2), 2)
+    data = manager.path_for(2).read_bytes()
+    manager.path_for(2).write_bytes(data[: len(data) // 2])  # a crash that bypassed the atomic write
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
+        state, _ = manager.resolve("auto")
+    assert state["iteration"] == 1
+    assert CheckpointManager(tmp_path / "fresh").resolve("auto") is None
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        manager.resolve(str(tmp_path / "nope.pt"))
+
+
+def test_atomic_write_never_exposes_partial_files(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    atomic_write_bytes(target, b"old")
+
+    def failing_replace(src, dst):
+        raise OSError("disk died")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new-but-lost")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_rng_states_round_trip():
+    states = capture_rng_states()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng_states(states)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
