@@ -1,2 +1,68 @@
 """Tar shard format for pre-augmented 3-frame clips: writing, manifests, reading and
-streaming to DDP ranks. Depends on nothing else in this project."""
+streaming to DDP ranks. Depends on nothing else in this project.
+
+Every location is an fsspec URL (local path, file://, s3://, gs://, http(s):// for reading,
+memory:// in tests). Every write is atomic: readers never see a partial shard or manifest.
+
+Sample (what producers write and readers get back per clip)::
+
+    {"__key__": str (unique in the set, no dots),
+     "frames": np.uint8 (3, H, W, 3) RGB, "masks": np.uint8 (3, H, W) object ids,
+     "meta": JSON-serialisable dict}
+
+Writing
+-------
+write_shard(url, samples) -> ShardInfo
+    Encode and write ONE complete shard (`url` ends with .tar) atomically; the job driver
+    names shards itself (e.g. `<set>/shard-000123.tar`) so work units can be resumed.
+ShardWriter(url_dir, prefix="shard", max_count=1000, max_bytes=256 MiB)
+    Context manager; `.write(sample)`; rolls over by count and size to
+    `<url_dir>/<prefix>-NNNNNN.tar`; `.close()` returns list[ShardInfo] (also `.infos`).
+ShardInfo(name, count, bytes, sha256)
+Manifest(version, schema, shards: list[ShardInfo], config: dict)   (.num_samples)
+write_manifest(url_dir, manifest) -> url        atomic `<url_dir>/manifest.json`
+read_manifest(url_dir) -> Manifest              raises ManifestError with the fix
+merge_manifests(list[Manifest]) -> Manifest     sorted by name; rejects duplicate shard
+                                                names and differing version/schema/config
+encode_sample(sample) -> dict[str, bytes]       members: frames.jpg (the 3 frames as one
+decode_sample(members) -> sample                vertical JPEG strip), masks.npy.zlib,
+                                                meta.json (see shards.codec for why)
+
+Reading
+-------
+iter_shard(url, info=None, verify=True) -> iterator of member dicts (decode_sample them)
+iter_samples(url_dir, verify=True) -> iterator of decoded samples of a whole set, in order
+verify_shard_set(url_dir) -> VerifyReport       counts, bytes, sha256, decodability
+
+Streaming to DDP ranks (torch)
+------------------------------
+ShardSource(url_dir, weight=1.0)       one shard set in a mix; weight 5 = five passes
+                                       per epoch (DAVIS x5 + YouTubeVOS x1)
+make_loader(sources, batch_size, rank=0, world_size=1, num_workers=0, seed=0,
+            shuffle_buffer=..., verify=True, max_bad_fraction=...) -> ClipLoader
+ClipLoader:  `for batch in loader` runs the rest of the current epoch, then the loader
+             moves to the next epoch. Batch = {"frames": uint8 (B,3,H,W,3),
+             "masks": uint8 (B,3,H,W), "meta": [dict]*B, "__key__": [str]*B}.
+             len(loader) = batches per epoch (equal on every rank);
+             .state_dict() / .load_state_dict(state): exact resume (same batches from N
+             on); a different world size, worker count or batch size re-plans the rest of
+             the epoch without repeating or skipping a sample; .stats (samples read, bad
+             samples, bad shards); .epoch.
+ClipStream: the torch IterableDataset behind ClipLoader (yields whole batches).
+The epoch plan (shards.plan) is a pure function of the manifests, weights, seed and epoch.
+
+FFCV (optional): shards.ffcv_backend.convert_to_beton / BetonLoader.
+Errors: ManifestError, ShardError (whole shard), SampleDecodeError (one sample),
+BadDataError (too many bad samples: the loader stops).
+"""
+from .codec import SampleDecodeError, decode_sample, encode_sample
+from .manifest import (FORMAT_VERSION, Manifest, ManifestError, ShardInfo, merge_manifests,
+                       read_manifest, write_manifest)
+from .reader import ShardError, iter_samples, iter_shard
+from .writer import ShardWriter, write_shard
+
+__all__ = [
+    "FORMAT_VERSION", "Manifest", "ManifestError", "SampleDecodeError", "ShardError",
+    "ShardInfo", "ShardWriter", "decode_sample", "encode_sample", "iter_samples", "iter_shard",
+    "merge_manifests", "read_manifest", "write_manifest", "write_shard",
+]

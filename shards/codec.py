@@ -1,0 +1,135 @@
+"""Sample codec: one clip sample <-> the byte members of one tar entry group.
+
+A clip sample (the project's data contract):
+    {"__key__": str, "frames": uint8 (T, H, W, 3) RGB, "masks": uint8 (T, H, W) object ids,
+     "meta": JSON-serialisable dict}
+is stored as three members:
+    frames.jpg     the T frames stacked vertically into ONE (T*H, W, 3) baseline JPEG
+                   (quality 90, 4:2:0). One decoder call per clip is faster than T calls
+                   and the strip stays viewable with any image tool.
+    masks.npy.zlib the (T, H, W) uint8 label maps as a .npy file, zlib level 1. Label
+                   maps keep every object id; this decodes ~8x faster than PNG (measured,
+                   see README) for a few extra KB per clip next to ~120 KB of JPEG.
+    meta.json      the metadata dict, UTF-8 JSON with sorted keys.
+
+Decoding uses simplejpeg (libjpeg-turbo, decodes straight into a caller's buffer, strict
+about corrupt data) when installed, otherwise OpenCV. Any decode problem raises
+`SampleDecodeError`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from typing import Any
+
+import cv2
+import numpy as np
+
+try:  # the faster decoder; OpenCV is the always-available fallback
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
+
+FRAMES = "frames.jpg"
+MASKS = "masks.npy.zlib"
+META = "meta.json"
+MEMBERS = (FRAMES, MASKS, META)
+DEFAULT_JPEG_QUALITY = 90
+JPEG_DECODER = "simplejpeg" if simplejpeg is not None else "opencv"
+
+
+class SampleDecodeError(ValueError):
+    """A sample's bytes could not be turned back into arrays (corrupt or missing member)."""
+
+
+def _json_default(value: Any):
+    # numpy scalars and arrays show up in augmentation parameters; store them as plain JSON.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"meta value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+
+
+def check_key(key: Any) -> str:
+    if not isinstance(key, str) or not key or "." in key or key != key.strip():
+        raise ValueError(
+            f"sample __key__ {key!r} must be a non-empty string without dots or surrounding "
+            "spaces (the dot separates the key from the member name in the tar)")
+    return key
+
+
+def encode_sample(sample: dict, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> dict[str, bytes]:
+    """Encode a clip sample into {"__key__": key, member name: bytes}."""
+    key = check_key(sample.get("__key__"))
+    frames, masks = sample.get("frames"), sample.get("masks")
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
+            or frames.shape[-1] != 3:
+        raise ValueError(f"sample {key}: frames must be a uint8 array (T, H, W, 3), got "
+                         f"{getattr(frames, 'dtype', type(frames))} {getattr(frames, 'shape', '')}")
+    if not isinstance(masks, np.ndarray) or masks.dtype != np.uint8 or masks.shape != frames.shape[:3]:
+        raise ValueError(f"sample {key}: masks must be a uint8 array {frames.shape[:3]} (T, H, W) "
+                         f"matching the frames, got {getattr(masks, 'dtype', type(masks))} "
+                         f"{getattr(masks, 'shape', '')}")
+    t, h, w, _ = frames.shape
+    strip = np.ascontiguousarray(frames).reshape(t * h, w, 3)
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(strip, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+    if not ok:
+        raise ValueError(f"sample {key}: JPEG encoding failed for frames {frames.shape}")
+    npy = io.BytesIO()
+    np.save(npy, np.ascontiguousarray(masks), allow_pickle=False)
+    meta = sample.get("meta", {})
+    try:
+        meta_bytes = json.dumps(meta, sort_keys=True, default=_json_default).encode("utf-8")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"sample {key}: meta is not JSON-serialisable: {err}") from None
+    return {"__key__": key, FRAMES: jpg.tobytes(), MASKS: zlib.compress(npy.getvalue(), 1),
+            META: meta_bytes}
+
+
+def decode_masks(data: bytes) -> np.ndarray:
+    masks = np.load(io.BytesIO(zlib.decompress(data)), allow_pickle=False)
+    if masks.dtype != np.uint8 or masks.ndim != 3:
+        raise ValueError(f"expected uint8 (T, H, W) label maps, got {masks.dtype} {masks.shape}")
+    return masks
+
+
+def decode_jpeg(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) from JPEG bytes, written into `out` when given."""
+    if simplejpeg is not None:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if img is None:
+        raise ValueError("OpenCV could not decode the JPEG")
+    if out is not None:
+        if out.shape != img.shape:
+            raise ValueError(f"decoded JPEG is {img.shape}, expected {out.shape}")
+        out[...] = img
+        return out
+    return img
+
+
+def decode_sample(members: dict[str, bytes], frames_out: np.ndarray | None = None) -> dict:
+    """Inverse of `encode_sample`. `frames_out` (T, H, W, 3) uint8 receives the frames
+    without an extra copy (used by the loader to decode straight into the batch)."""
+    key = members.get("__key__", "?")
+    missing = [m for m in MEMBERS if m not in members]
+    if missing:
+        raise SampleDecodeError(f"sample {key}: missing member(s) {', '.join(missing)}")
+    try:
+        masks = decode_masks(members[MASKS])
+        t, h, w = masks.shape
+        if frames_out is not None and frames_out.shape != (t, h, w, 3):
+            raise ValueError(f"frames are {(t, h, w, 3)}, the batch expects {frames_out.shape}")
+        strip = decode_jpeg(members[FRAMES],
+                            None if frames_out is None else frames_out.reshape(t * h, w, 3))
+        if strip.shape != (t * h, w, 3):
+            raise ValueError(f"frame strip is {strip.shape}, masks say {(t * h, w, 3)}")
+        meta = json.loads(members[META].decode("utf-8"))
+    except SampleDecodeError:
+        raise
+    except Exception as err:
+        raise SampleDecodeError(f"sample {key}: {type(err).__name__}: {err}") from None
+    return {"__key__": key, "frames": strip.reshape(t, h, w, 3), "masks": masks, "meta": meta}

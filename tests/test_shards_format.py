@@ -1,0 +1,129 @@
+"""Shard format: codec, atomic writing, manifests, reading back (local and memory://)."""
+import uuid
+
+import fsspec
+import numpy as np
+import pytest
+
+import shards
+from shards.sample_clips import make_clip
+
+
+def clips(n, size=32, seed=0, prefix="vid"):
+    rng = np.random.default_rng(seed)
+    return [make_clip(rng, f"{prefix}-{i:04d}", size=size) for i in range(n)]
+
+
+def assert_same_clip(got, want, max_jpeg_err=12):
+    assert got["__key__"] == want["__key__"]
+    assert got["frames"].dtype == np.uint8 and got["frames"].shape == want["frames"].shape
+    np.testing.assert_array_equal(got["masks"], want["masks"])  # label maps are lossless
+    err = np.abs(got["frames"].astype(int) - want["frames"].astype(int)).mean()
+    assert err < max_jpeg_err
+    assert got["meta"] == want["meta"]
+
+
+def test_codec_round_trip_and_numpy_meta():
+    clip = clips(1)[0]
+    clip["meta"]["aug"] = {"angle": np.float32(1.5), "ids": np.array([1, 2])}
+    back = shards.decode_sample(shards.encode_sample(clip))
+    assert back["meta"]["aug"] == {"angle": 1.5, "ids": [1, 2]}
+    assert_same_clip(back, {**clip, "meta": back["meta"]})
+
+
+@pytest.mark.parametrize("bad", [
+    {"__key__": "a.b"}, {"frames": np.zeros((3, 8, 8), np.uint8)},
+    {"masks": np.zeros((3, 8, 9), np.uint8)}, {"meta": {"x": object()}}])
+def test_encode_rejects_bad_samples_with_a_clear_error(bad):
+    sample = {"__key__": "k", "frames": np.zeros((3, 8, 8, 3), np.uint8),
+              "masks": np.zeros((3, 8, 8), np.uint8), "meta": {}}
+    with pytest.raises(ValueError, match="sample|__key__"):
+        shards.encode_sample({**sample, **bad})
+
+
+def test_decode_names_missing_member():
+    members = shards.encode_sample(clips(1)[0])
+    del members["masks.npy.zlib"]
+    with pytest.raises(shards.SampleDecodeError, match="vid-0000.*masks"):
+        shards.decode_sample(members)
+
+
+@pytest.mark.parametrize("kind", ["local", "file", "memory"])
+def test_writer_manifest_round_trip(tmp_path, kind):
+    root = {"local": str(tmp_path / "set"), "file": f"file://{tmp_path}/set",
+            "memory": f"memory://rt-{uuid.uuid4().hex}/set"}[kind]
+    data = clips(7)
+    with shards.ShardWriter(root, max_count=3) as writer:
+        for clip in data:
+            writer.write(clip)
+    infos = writer.infos
+    assert [i.count for i in infos] == [3, 3, 1]
+    assert [i.name for i in infos] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    shards.write_manifest(root, shards.Manifest(shards=infos, config={"size": 32}))
+    manifest = shards.read_manifest(root)
+    assert manifest.num_samples == 7 and manifest.config == {"size": 32}
+    back = list(shards.iter_samples(root))
+    assert len(back) == 7
+    for got, want in zip(back, data):
+        assert_same_clip(got, want)
+    fs, path = fsspec.core.url_to_fs(root)
+    assert not [p for p in fs.ls(path, detail=False) if ".tmp-" in p]  # no temp files left
+
+
+def test_writer_rolls_over_by_size():
+    root = f"memory://size-{uuid.uuid4().hex}"
+    two = shards.write_shard(f"{root}/probe/two.tar", clips(2)).bytes
+    with shards.ShardWriter(f"{root}/set", max_count=100, max_bytes=two) as writer:
+        for clip in clips(6):
+            writer.write(clip)
+    counts = [i.count for i in writer.infos]
+    assert sum(counts) == 6 and counts[0] == 2 and max(counts) <= 2  # the probe's pair fits
+    assert all(i.bytes <= two for i in writer.infos)
+
+
+def test_write_shard_is_deterministic_and_named_by_caller():
+    root = f"memory://ws-{uuid.uuid4().hex}"
+    a = shards.write_shard(f"{root}/a/shard-000123.tar", clips(3))
+    b = shards.write_shard(f"{root}/b/shard-000123.tar", clips(3))
+    assert a.name == "shard-000123.tar" and a.count == 3
+    assert a.sha256 == b.sha256 and a.bytes == b.bytes
+    with pytest.raises(ValueError, match="twice"):
+        shards.write_shard(f"{root}/c/shard-000000.tar", clips(2) + clips(1))
+
+
+def test_failed_write_leaves_nothing_behind():
+    root = f"memory://fail-{uuid.uuid4().hex}"
+
+    def broken():
+        yield clips(1)[0]
+        raise RuntimeError("producer died")
+
+    with pytest.raises(RuntimeError):
+        shards.write_shard(f"{root}/shard-000000.tar", broken())
+    assert not fsspec.filesystem("memory").exists(f"/{root[9:]}/shard-000000.tar")
+
+
+def test_merge_manifests_sorts_and_rejects_conflicts():
+    def info(name):
+        return shards.ShardInfo(name, 2, 10, "0" * 64)
+
+    a = shards.Manifest(shards=[info("shard-000002.tar")], config={"seed": 1})
+    b = shards.Manifest(shards=[info("shard-000000.tar"), info("shard-000001.tar")],
+                        config={"seed": 1})
+    merged = shards.merge_manifests([a, b])
+    assert [s.name for s in merged.shards] == ["shard-000000.tar", "shard-000001.tar",
+                                               "shard-000002.tar"]
+    assert merged.num_samples == 6
+    with pytest.raises(shards.ManifestError, match="appears twice"):
+        shards.merge_manifests([a, a])
+    with pytest.raises(shards.ManifestError, match="config"):
+        shards.merge_manifests([a, shards.Manifest(shards=[], config={"seed": 2})])
+
+
+def test_read_manifest_errors_are_clear():
+    root = f"memory://nomani-{uuid.uuid4().hex}"
+    with pytest.raises(shards.ManifestError, match="no manifest"):
+        shards.read_manifest(root)
+    fsspec.filesystem("memory").pipe(f"/{root[9:]}/manifest.json", b'{"version": 99}')
+    with pytest.raises(shards.ManifestError, match="not a valid"):
+        shards.read_manifest(root)
