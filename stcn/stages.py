@@ -180,6 +180,21 @@ def load_stage(stage: int, override: str | Path | Mapping[str, Any] | None = Non
     return dataclasses.replace(config, **override)
 
 
+def resolve_stage(stage: int, config_file: str | Path | None = None, **overrides: Any) -> StageConfig:
+    """The published stage, then a YAML override file, then command-line overrides (None = unset)."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"stage config {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"stage config {path} must hold a mapping of StageConfig fields")
+        merged.update(loaded)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    return load_stage(stage, merged or None)
+
+
 def _plain(value: Any) -> Any:
     """Tuples and mappings as lists and dicts, so configs round-trip through YAML/JSON."""
     if isinstance(value, Mapping):
@@ -189,4 +204,4 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["SkipPhase", "StageConfig", "STAGES", "load_stage"]
+__all__ = ["SkipPhase", "StageConfig", "STAGES", "load_stage", "resolve_stage"]

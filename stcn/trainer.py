@@ -110,6 +110,32 @@ def open_loader(sets: Mapping[str, float], stage: StageConfig, options: TrainOpt
     )
 
 
+def parse_shard_arguments(values: list[str] | tuple[str, ...]) -> tuple[str | None, dict[str, float] | None]:
+    """`--shards` values -> (root, None) or (None, {set URL: weight}).
+
+    One value that is not itself a shard set (no manifest.json) is a root from which every
+    skip phase derives its sets; otherwise each value is a set, `URL` or `URL=WEIGHT`, and
+    those sets are streamed in every phase.
+    """
+    import shards
+
+    if not values:
+        return None, None
+    sets: dict[str, float] = {}
+    for value in values:
+        url, separator, weight = value.rpartition("=")
+        try:
+            sets[url if separator else value] = float(weight) if separator else 1.0
+        except ValueError:
+            sets[value] = 1.0
+    if len(values) == 1 and "=" not in values[0]:
+        try:
+            shards.read_manifest(values[0])
+        except shards.ManifestError:
+            return values[0], None
+    return None, sets
+
+
 def online_augmentation_for(sets: Mapping[str, float]) -> OnlineAugmentation:
     """The online steps the pipeline left for the trainer, from the first set's manifest.
 
@@ -495,4 +521,4 @@ def train(stage: StageConfig, options: TrainOptions) -> TrainResult:
 
 
 __all__ = ["TrainOptions", "TrainResult", "Trainer", "train", "NonFiniteLossError",
-           "PREEMPTED_EXIT_CODE", "NAN_POLICIES", "select_objects", "clip_targets", "autocast_dtype"]
+           "PREEMPTED_EXIT_CODE", "NAN_POLICIES", "parse_shard_arguments", "select_objects", "clip_targets", "autocast_dtype"]
