@@ -1,0 +1,97 @@
+"""A clip is a pure function of (source, seed, clip identity).
+
+A clip's identity is (item, round): the item is a video (or a static image), the round j
+counts how many clips that item has already given. Its random generator is seeded from
+(seed, source kind, item name, round, attempt) alone, so the same clip comes out whichever
+worker, task or reading order (directory tree or tar archive) produces it.
+
+Shard sets made from a listed source order their clips round by round, each round visiting
+every item once in a seeded random order (`clip_order`): like the published loader's
+epochs, and every shard mixes many videos.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+
+import numpy as np
+
+from pipelines.augment import StaticAugment, VideoAugment, augment_static, augment_video
+from pipelines.sampling import TripletSampler, eligible_objects
+from pipelines.sources import (FrameStore, StaticItem, StaticSource, Video, decode_binary_mask,
+                               decode_ids, decode_image)
+
+#: Frame triplets tried per clip before settling for one with no eligible object (published: 5).
+ATTEMPTS = 5
+
+
+def _word(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+
+
+def clip_rng(seed: int, *parts) -> np.random.Generator:
+    """A generator that depends only on the seed and the parts (strings or ints)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed)] + [_word(str(p)) for p in parts]))
+
+
+def clip_key(name: str, round_: int) -> str:
+    """Sample key of round `round_` of item `name` (only [A-Za-z0-9_-]: no dots in keys)."""
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)}-{round_:06d}"
+
+
+@lru_cache(maxsize=64)
+def _round_order(seed: int, kind: str, count: int, round_: int) -> np.ndarray:
+    return clip_rng(seed, kind, "order", round_).permutation(count)
+
+
+def clip_order(seed: int, kind: str, count: int, start: int, stop: int) -> list[tuple[int, int]]:
+    """(item index, round) of clips start..stop-1 of a set drawn from `count` items."""
+    return [(int(_round_order(seed, kind, count, i // count)[i % count]), i // count)
+            for i in range(start, stop)]
+
+
+def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, seed: int,
+                    max_skip: int, frame_step: int, aug: VideoAugment, size_rule: bool) -> dict:
+    """Round `round_` clip of `video`: a triplet with gaps up to max_skip raw frames
+    (max_skip // frame_step listed frames), augmented; retried with new frames when no
+    object is eligible, up to ATTEMPTS (then kept with "objects": [], as published)."""
+    sampler = TripletSampler(max(1, max_skip // frame_step))
+    decoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for attempt in range(ATTEMPTS):
+        rng = clip_rng(seed, kind, video.name, round_, attempt)
+        indices = sampler.sample(len(video.frames), rng)
+        names = [video.frames[i] for i in indices]
+        for name in names:
+            if name not in decoded:
+                jpg, png = store.read(video.name, name)
+                where = f"{kind} video {video.name} frame {name}"
+                decoded[name] = decode_image(jpg, where), decode_ids(png, where)
+        frames, masks, params = augment_video(rng, [decoded[n][0] for n in names],
+                                              [decoded[n][1] for n in names], aug)
+        objects = eligible_objects(masks, size_rule)
+        if objects:
+            break
+    meta = {"source": kind, "video": video.name, "frames": names, "frame_index": indices,
+            "max_skip": max_skip, "frame_step": frame_step, "seed": seed, "round": round_,
+            "attempt": attempt, "objects": objects, "augment": params}
+    return {"__key__": clip_key(video.name, round_), "frames": frames, "masks": masks,
+            "meta": meta}
+
+
+def make_static_clip(source: StaticSource, item: StaticItem, round_: int, *, seed: int,
+                     aug: StaticAugment) -> dict:
+    """Round `round_` pseudo clip of a static image (single object, id 1)."""
+    rng = clip_rng(seed, "static", item.name, round_)
+    jpg, png = source.read(item)
+    image = decode_image(jpg, str(item.image))
+    mask = decode_binary_mask(png, str(item.mask))
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"{item.mask}: mask is {mask.shape}, image {item.image} is "
+                         f"{image.shape[:2]}")
+    frames, masks, params = augment_static(rng, image, mask, aug)
+    meta = {"source": "static", "video": item.name, "frames": [item.image.name] * 3,
+            "frame_index": [0, 0, 0], "max_skip": 0, "seed": seed, "round": round_,
+            "objects": eligible_objects(masks), "augment": params}
+    return {"__key__": clip_key(item.name, round_), "frames": frames, "masks": masks,
+            "meta": meta}

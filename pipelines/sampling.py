@@ -1,0 +1,61 @@
+"""Which frames and which objects make a training clip (the published rules).
+
+`TripletSampler` draws three increasing frame indices whose gaps are at most the current
+curriculum max skip, reversed in time with probability 0.5. `eligible_objects` lists the
+objects a clip may train on: those visible in its first frame, and for BL30K only those that
+pass the object-size rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: BL30K object-size rule, in pixels of the 384x384 clip (published): an object counts if it
+#: covers more than MIN_AREA in the first frame, and if it covers at most SMALL_AREA there,
+#: only if it stays under STAY_SMALL_AREA in the other two frames (a small object that
+#: is actually big elsewhere is a partial view, not a target).
+MIN_AREA = 10 * 10
+SMALL_AREA = 30 * 30
+STAY_SMALL_AREA = 20 * 20
+
+
+@dataclass(frozen=True)
+class TripletSampler:
+    """max_skip is in frame-list units: the curriculum skip for DAVIS and BL30K, the
+    curriculum skip divided by 5 for YouTubeVOS (annotated every 5th frame)."""
+    max_skip: int
+    reverse_p: float = 0.5
+
+    def __post_init__(self):
+        if self.max_skip < 1:
+            raise ValueError(f"max_skip must be >= 1 frame, got {self.max_skip}")
+
+    def sample(self, num_frames: int, rng: np.random.Generator) -> list[int]:
+        """Three distinct frame indices of a video with `num_frames` frames (>= 3)."""
+        if num_frames < 3:
+            raise ValueError(f"a triplet needs a video of at least 3 frames, got {num_frames}")
+        first_gap = int(rng.integers(1, min(self.max_skip, num_frames - 2) + 1))
+        second_gap = int(rng.integers(1, min(self.max_skip, num_frames - 1 - first_gap) + 1))
+        start = int(rng.integers(0, num_frames - first_gap - second_gap))
+        indices = [start, start + first_gap, start + first_gap + second_gap]
+        if rng.random() < self.reverse_p:
+            indices.reverse()
+        return indices
+
+
+def eligible_objects(masks: np.ndarray, size_rule: bool = False) -> list[int]:
+    """Object ids of a clip's masks (3, H, W) that may be chosen as targets: present in the
+    first frame and, with `size_rule` (BL30K), passing the object-size rule."""
+    areas = [np.bincount(m.ravel(), minlength=256) for m in masks]
+    ids = [int(i) for i in np.flatnonzero(areas[0]) if i != 0]
+    if not size_rule:
+        return ids
+    keep = []
+    for i in ids:
+        first = areas[0][i]
+        if first <= MIN_AREA:
+            continue
+        if first > SMALL_AREA or max(areas[1][i], areas[2][i]) < STAY_SMALL_AREA:
+            keep.append(i)
+    return keep

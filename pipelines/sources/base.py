@@ -1,0 +1,70 @@
+"""What every source reader shares: the layout error, the video record and frame decoding.
+
+Readers hand out encoded bytes (a frame's JPEG and its annotation PNG) and clips decode them
+with the functions here, so a frame read from a directory tree and the same frame read from
+a tar archive become the same arrays.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+from PIL import Image
+
+
+class LayoutError(ValueError):
+    """A source directory does not have the layout its reader expects."""
+
+    def __init__(self, path, problem: str, expected: str):
+        super().__init__(f"{path}: {problem}. Expected layout: {expected}")
+
+
+@dataclass(frozen=True)
+class Video:
+    """One training video: its name and its frame names (file stems), in time order."""
+    name: str
+    frames: tuple[str, ...]
+
+
+class FrameStore(Protocol):
+    """Where a clip gets the encoded bytes of a frame: (JPEG bytes, annotation PNG bytes)."""
+
+    def read(self, video: str, frame: str) -> tuple[bytes, bytes]: ...
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """RGB uint8 (H, W, 3) from encoded image bytes."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if image is None:
+        raise ValueError(f"{where}: not a readable image")
+    return image
+
+
+def decode_ids(data: bytes, where: str) -> np.ndarray:
+    """Object-id map uint8 (H, W) from an annotation PNG: the palette indices of an indexed
+    PNG (DAVIS, YouTubeVOS, BL30K) or the values of a grayscale one."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"{where}: annotation is a {image.mode} image; expected an indexed "
+                             "(palette) or 8-bit grayscale PNG of object ids")
+        return np.asarray(image, dtype=np.uint8)
+
+
+def decode_binary_mask(data: bytes, where: str) -> np.ndarray:
+    """Foreground (1) / background (0) uint8 map from a saliency mask (0..255, any PNG mode),
+    thresholded at half intensity as the published loader does."""
+    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        raise ValueError(f"{where}: not a readable mask image")
+    return (gray > 127).astype(np.uint8)
+
+
+def list_dir(path: Path, expected: str) -> list[str]:
+    """Sorted entry names of a directory, or a LayoutError naming it."""
+    if not path.is_dir():
+        raise LayoutError(path, "missing or not a directory", expected)
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
