@@ -20,6 +20,7 @@ import numpy as np
 from pipelines.synthetic.textures import background_texture, object_texture
 
 SHAPES = ("ellipse", "polygon", "star", "blob")
+SIZED_SHAPE = "disc"  # objects of a given area (BL30K's small ones): a disc of exactly that area
 
 # How much of its own (un-occluded, in-frame) area an object must show in the first frame it
 # is annotated in, so a first-frame mask is something a tracker can start from.
@@ -134,7 +135,9 @@ def make_sprite(rng: np.random.Generator, radius: float, hue: float,
     half = side / 2
     n = 96
     theta = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    if shape == "ellipse":
+    if shape == SIZED_SHAPE:
+        r = np.ones(n)
+    elif shape == "ellipse":
         minor = rng.uniform(0.45, 1.0)
         r = 1 / np.sqrt(np.cos(theta) ** 2 + (np.sin(theta) / minor) ** 2)
     elif shape == "polygon":
@@ -151,7 +154,7 @@ def make_sprite(rng: np.random.Generator, radius: float, hue: float,
             r = r + rng.uniform(0, 0.14) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
         r = r / r.max()
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + (SIZED_SHAPE,)}")
     shift = 4  # sub-pixel vertex precision for anti-aliased edges
     points = np.stack([half + radius * r * np.cos(theta), half + radius * r * np.sin(theta)], -1)
     alpha = np.zeros((side, side), dtype=np.uint8)
@@ -227,12 +230,12 @@ def make_scene(rng: np.random.Generator, size: tuple[int, int], frames: int,
             made[spec.object_id] = given
             continue
         if spec.area is None:
-            radius = rng.uniform(0.09, 0.17) * unit
+            radius = rng.uniform(0.1, 0.2) * unit
             hue = (hue0 + k / max(len(regular), 1) + rng.uniform(-0.04, 0.04)) % 1.0
             shape = None
         else:
             radius = float(np.sqrt(spec.area / np.pi))
-            hue, shape = rng.random(), "ellipse"
+            hue, shape = rng.random(), SIZED_SHAPE
         radii[spec.object_id] = radius
         made[spec.object_id] = make_sprite(rng, radius, hue, shape)
     # Depth: regular objects in random order, small ones in front so their size is their size.

@@ -78,11 +78,13 @@ def background_texture(rng: np.random.Generator, shape: tuple[int, int]) -> np.n
     h, w = shape
     scale = min(h, w)
     base = np.stack([smooth_noise(rng, shape, scale / 3) for _ in range(3)], axis=-1)
+    light = smooth_noise(rng, shape, scale / 6)[..., None]
     detail = smooth_noise(rng, shape, scale / 25)[..., None]
     pattern_kind = PATTERNS[rng.integers(len(PATTERNS))]
     pattern = pattern_field(rng, shape, pattern_kind, rng.uniform(0.04, 0.15) * scale)[..., None]
     tint = hsv_colour(rng.random(), rng.uniform(0.1, 0.4), rng.uniform(0.4, 0.8))
-    canvas = tint + 90.0 * (base - 0.5) + 50.0 * (detail - 0.5) + 35.0 * (pattern - 0.5)
+    canvas = (tint + 40.0 * (base - 0.5) + 80.0 * (light - 0.5) + 40.0 * (detail - 0.5)
+              + 35.0 * (pattern - 0.5))
     for _ in range(int(rng.integers(3, 8))):
         # Background shapes with object-like colours keep "find the coloured blob" from
         # being a complete strategy.
