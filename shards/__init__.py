@@ -60,9 +60,12 @@ from .manifest import (FORMAT_VERSION, Manifest, ManifestError, ShardInfo, merge
                        read_manifest, write_manifest)
 from .reader import ShardError, iter_samples, iter_shard
 from .writer import ShardWriter, write_shard
+from .stream import (BadDataError, BadDataWarning, ClipLoader, ClipStream, LoaderStats,
+                     ShardSource, make_loader)
 
 __all__ = [
-    "FORMAT_VERSION", "Manifest", "ManifestError", "SampleDecodeError", "ShardError",
+    "BadDataError", "BadDataWarning", "ClipLoader", "ClipStream", "LoaderStats", "ShardSource",
+    "make_loader", "FORMAT_VERSION", "Manifest", "ManifestError", "SampleDecodeError", "ShardError",
     "ShardInfo", "ShardWriter", "decode_sample", "encode_sample", "iter_samples", "iter_shard",
     "merge_manifests", "read_manifest", "write_manifest", "write_shard",
 ]

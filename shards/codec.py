@@ -120,16 +120,19 @@ def decode_sample(members: dict[str, bytes], frames_out: np.ndarray | None = Non
         raise SampleDecodeError(f"sample {key}: missing member(s) {', '.join(missing)}")
     try:
         masks = decode_masks(members[MASKS])
-        t, h, w = masks.shape
-        if frames_out is not None and frames_out.shape != (t, h, w, 3):
-            raise ValueError(f"frames are {(t, h, w, 3)}, the batch expects {frames_out.shape}")
+    except Exception as err:
+        raise SampleDecodeError(f"sample {key}: masks: {type(err).__name__}: {err}") from None
+    t, h, w = masks.shape
+    if frames_out is not None and frames_out.shape != (t, h, w, 3):
+        # a set-up problem (clips of different sizes in one batch), not corrupt data
+        raise ValueError(f"sample {key}: clip is {(t, h, w, 3)} but the batch holds "
+                         f"{frames_out.shape}; all shard sets of one loader need the same size")
+    try:
         strip = decode_jpeg(members[FRAMES],
                             None if frames_out is None else frames_out.reshape(t * h, w, 3))
         if strip.shape != (t * h, w, 3):
             raise ValueError(f"frame strip is {strip.shape}, masks say {(t * h, w, 3)}")
         meta = json.loads(members[META].decode("utf-8"))
-    except SampleDecodeError:
-        raise
     except Exception as err:
         raise SampleDecodeError(f"sample {key}: {type(err).__name__}: {err}") from None
     return {"__key__": key, "frames": strip.reshape(t, h, w, 3), "masks": masks, "meta": meta}

@@ -1,0 +1,410 @@
+"""Streaming shard sets to DDP ranks and DataLoader workers, with exact resumption.
+
+`make_loader(...)` returns a `ClipLoader`; the plan (who reads what, in which order) is
+`shards.plan`. Each DataLoader worker runs one "stream": it reads its segment of the
+epoch's global order shard by shard (each shard opened through fsspec, checksum checked
+on open unless verify=False), holds at most `shuffle_buffer` raw samples, decodes
+JPEG/masks straight into the batch arrays and yields whole batches. The main process
+counts the batches it hands out, which is all it needs to resume exactly.
+
+Bad data never stops the batch count: a sample that cannot be read or decoded (truncated
+tar, corrupt JPEG, missing member, checksum mismatch) is reported with a warning naming the
+shard and key and its batch slot is filled with a duplicate of a good sample, so every rank
+still yields the planned batches and DDP cannot hang. Past `max_bad_fraction` of a stream's
+planned samples the loader stops with `BadDataError`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import plan, storage
+from .codec import SampleDecodeError, decode_sample
+from .manifest import ShardInfo, read_manifest
+from .reader import ShardError, iter_shard
+
+STATE_VERSION = 1
+DEFAULT_SHUFFLE_BUFFER = 256
+DEFAULT_MAX_BAD_FRACTION = 0.05
+
+
+class BadDataError(RuntimeError):
+    """More bad samples than the loader's max_bad_fraction allows."""
+
+
+class BadDataWarning(UserWarning):
+    """One bad sample or shard was skipped (its batch slot holds a duplicate)."""
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One shard set in a mix. weight 5 visits every shard five times per epoch;
+    fractional weights visit a seeded random subset of the shards for the fraction."""
+    url: str
+    weight: float = 1.0
+
+
+@dataclass
+class LoaderStats:
+    samples_read: int = 0   # samples decoded into batches
+    bad_samples: int = 0    # samples skipped (unreadable or undecodable)
+    bad_shards: int = 0     # shard visits that failed (checksum, truncation, missing)
+    substituted: int = 0    # batch slots filled with a duplicate of a good sample
+
+    def __add__(self, other: "LoaderStats") -> "LoaderStats":
+        return LoaderStats(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+
+@dataclass(frozen=True)
+class _Source:
+    url: str
+    weight: float
+    shards: tuple[ShardInfo, ...]
+
+
+def _as_sources(sources) -> list[ShardSource]:
+    if isinstance(sources, (str, ShardSource)):
+        sources = [sources]
+    out = []
+    for s in sources:
+        if isinstance(s, ShardSource):
+            out.append(s)
+        elif isinstance(s, str):
+            out.append(ShardSource(s))
+        else:
+            url, weight = s
+            out.append(ShardSource(str(url), float(weight)))
+    if not out:
+        raise ValueError("make_loader needs at least one shard set")
+    return out
+
+
+class ClipStream(IterableDataset):
+    """IterableDataset yielding whole batches of one rank's share of an epoch.
+
+    Configured for one pass by `ClipLoader` (epoch, legs, remaining positions); each
+    DataLoader worker serves one stream of the current leg."""
+
+    def __init__(self, sources: list[_Source], batch_size: int, rank: int, seed: int,
+                 verify: bool, max_bad_fraction: float):
+        self.sources, self.batch_size, self.rank, self.seed = sources, batch_size, rank, seed
+        self.verify, self.max_bad_fraction = verify, max_bad_fraction
+        self.epoch, self.legs, self.remaining = 0, [], None
+
+    @property
+    def shard_counts(self) -> list[list[int]]:
+        return [[s.count for s in src.shards] for src in self.sources]
+
+    def epoch_layout(self, epoch: int):
+        visits = plan.epoch_visits(self.shard_counts, [s.weight for s in self.sources],
+                                   self.seed, epoch)
+        visit_of, ordinal = plan.epoch_positions(visits, self.shard_counts)
+        return visits, visit_of, ordinal
+
+    def configure(self, epoch: int, legs: list[plan.Leg], remaining: np.ndarray | None):
+        self.epoch, self.legs, self.remaining = epoch, list(legs), remaining
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        wid, nw = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        leg = self.legs[-1]
+        if leg.workers != nw:
+            raise RuntimeError(f"leg planned for {leg.workers} workers, DataLoader has {nw}")
+        visits, visit_of, ordinal = self.epoch_layout(self.epoch)
+        remaining = np.arange(len(visit_of)) if self.remaining is None else self.remaining
+        # DataLoader restarts its round robin at worker 0; after N batches the next batch
+        # belongs to stream N % workers, so worker w serves stream (w + N) % workers.
+        k = (wid + leg.batches) % nw
+        segment = plan.stream_segment(remaining, leg, self.rank, k)
+        order = plan.stream_order(self.seed, self.epoch, len(self.legs) - 1, self.rank, k,
+                                  len(segment), leg.buffer)
+        yield from _StreamRun(self, visits, visit_of[segment], ordinal[segment], order, k,
+                              plan.consumed_batches(leg.batches, nw, k)).batches()
+
+
+class _StreamRun:
+    """One stream's pass: reading in segment order, emitting in shuffled order."""
+
+    def __init__(self, ds: ClipStream, visits, visit_of, ordinal, order, k: int, skip: int):
+        self.ds, self.visits, self.visit_of, self.ordinal = ds, visits, visit_of, ordinal
+        self.order, self.k, self.skip = order, k, skip
+        self.stats = LoaderStats()
+        self.last_good: dict | None = None
+
+    def _shard_url(self, visit: int) -> tuple[str, ShardInfo]:
+        src, shard = self.visits[visit]
+        source = self.ds.sources[src]
+        info = source.shards[shard]
+        return storage.join(source.url, info.name), info
+
+    def _read(self, inputs: np.ndarray) -> Iterator[tuple[int, dict | None, str]]:
+        """(input index, members or None, where) for `inputs` in ascending order."""
+        current, tar, next_ordinal, broken = None, None, 0, False
+        for i in inputs:
+            visit, want = int(self.visit_of[i]), int(self.ordinal[i])
+            url, info = self._shard_url(visit)
+            if visit != current:
+                if tar is not None:
+                    tar.close()
+                current, next_ordinal, broken = visit, 0, False
+                tar = iter_shard(url, info, self.ds.verify)
+            if not broken:
+                try:
+                    members = None
+                    while next_ordinal <= want:
+                        members = next(tar)
+                        next_ordinal += 1
+                    yield i, members, f"shard {url} key {members['__key__']}"
+                    continue
+                except StopIteration:
+                    broken = True
+                    self._shard_failed(f"shard {url}: holds fewer samples than the manifest's "
+                                       f"{info.count}")
+                except ShardError as err:
+                    broken = True
+                    self._shard_failed(str(err))
+            yield i, None, f"shard {url} sample #{want}"
+        if tar is not None:
+            tar.close()
+
+    def _shard_failed(self, message: str) -> None:
+        self.stats.bad_shards += 1
+        warnings.warn(f"{message}; skipping its remaining samples", BadDataWarning, stacklevel=2)
+
+    def _bad_sample(self, where: str, why: str, planned: int) -> None:
+        self.stats.bad_samples += 1
+        warnings.warn(f"bad sample skipped: {where}: {why}", BadDataWarning, stacklevel=2)
+        limit = self.ds.max_bad_fraction * planned
+        if self.stats.bad_samples > limit:
+            raise BadDataError(
+                f"{self.stats.bad_samples} bad samples among the {planned} planned for loader "
+                f"stream {self.k} of rank {self.ds.rank} (max_bad_fraction="
+                f"{self.ds.max_bad_fraction}); last: {where}: {why}. Check the shard set with "
+                "tools/verify_shards URL, or raise max_bad_fraction.")
+
+    def batches(self) -> Iterator[dict]:
+        b = self.ds.batch_size
+        n_batches, planned = len(self.order) // b, len(self.order)
+        reader = self._read(np.sort(self.order[self.skip * b:]))
+        held: dict[int, tuple[dict | None, str]] = {}  # the shuffle buffer: raw samples
+        for j in range(self.skip, n_batches):
+            frames = masks = None
+            metas, keys, bad_slots = [None] * b, [None] * b, []
+            for slot, i in enumerate(self.order[j * b:(j + 1) * b]):
+                while i not in held:
+                    got, members, where = next(reader)
+                    held[got] = (members, where)
+                members, where = held.pop(i)
+                if members is None:
+                    self._bad_sample(where, "unreadable (see the shard warning)", planned)
+                    bad_slots.append(slot)
+                    continue
+                try:
+                    if frames is None:
+                        sample = decode_sample(members)
+                        frames = np.empty((b,) + sample["frames"].shape, np.uint8)
+                        masks = np.empty((b,) + sample["masks"].shape, np.uint8)
+                        frames[slot] = sample["frames"]
+                    else:
+                        sample = decode_sample(members, frames_out=frames[slot])
+                except SampleDecodeError as err:
+                    self._bad_sample(where, str(err), planned)
+                    bad_slots.append(slot)
+                    continue
+                masks[slot] = sample["masks"]
+                metas[slot], keys[slot] = sample["meta"], sample["__key__"]
+                self.stats.samples_read += 1
+            frames, masks = self._fill_bad_slots(bad_slots, frames, masks, metas, keys)
+            yield {"frames": torch.from_numpy(frames), "masks": torch.from_numpy(masks),
+                   "meta": metas, "__key__": keys,
+                   "_stream": self.k, "_stream_batch": j, "_stats": asdict(self.stats)}
+
+    def _fill_bad_slots(self, bad_slots, frames, masks, metas, keys):
+        """Put a duplicate of a good sample (this batch's first, else the stream's last)
+        into every bad slot; returns the (possibly newly allocated) batch arrays."""
+        good = [s for s in range(len(keys)) if s not in bad_slots]
+        if good:
+            g = good[0]
+            self.last_good = {"frames": frames[g].copy(), "masks": masks[g].copy(),
+                              "meta": metas[g], "key": keys[g]}
+        if not bad_slots:
+            return frames, masks
+        src = self.last_good
+        if src is None:
+            raise BadDataError(f"loader stream {self.k} of rank {self.ds.rank}: no readable "
+                               "sample yet to fill a batch with; check the shard set with "
+                               "tools/verify_shards URL")
+        if frames is None:
+            frames = np.empty((len(keys),) + src["frames"].shape, np.uint8)
+            masks = np.empty((len(keys),) + src["masks"].shape, np.uint8)
+        for slot in bad_slots:
+            frames[slot], masks[slot] = src["frames"], src["masks"]
+            metas[slot], keys[slot] = src["meta"], src["key"]
+            self.stats.substituted += 1
+        return frames, masks
+
+
+class ClipLoader:
+    """A rank's view of the training stream: `for batch in loader` yields the rest of the
+    current epoch (len(loader) batches, equal on every rank), then moves to the next epoch.
+
+    The state is (epoch, legs): see shards.plan. `state_dict()` after N batches and
+    `load_state_dict()` into a loader with the same world size, workers, batch size and
+    buffer gives exactly batches N, N+1, ... of the uninterrupted run; with different ones
+    the rest of the epoch is re-planned over the samples not yet delivered."""
+
+    def __init__(self, dataset: ClipStream, world_size: int, num_workers: int,
+                 buffer: int, pin_memory: bool = False, prefetch_factor: int | None = None):
+        self.dataset, self.world_size, self.num_workers = dataset, world_size, num_workers
+        self.buffer, self.pin_memory, self.prefetch_factor = buffer, pin_memory, prefetch_factor
+        self.epoch = 0
+        self.legs = [self._fresh_leg()]
+        self.finished_stats = LoaderStats()   # from completed passes
+        self._pass_stats: dict[int, LoaderStats] = {}  # latest per stream, current pass
+        self._remaining_cache: tuple | None = None
+
+    def _fresh_leg(self) -> plan.Leg:
+        return plan.Leg(world=self.world_size, workers=max(1, self.num_workers),
+                        batch=self.dataset.batch_size, buffer=self.buffer)
+
+    @property
+    def stats(self) -> LoaderStats:
+        total = self.finished_stats
+        for s in self._pass_stats.values():
+            total = total + s
+        return total
+
+    def _total_positions(self, epoch: int) -> int:
+        return len(self.dataset.epoch_layout(epoch)[1])
+
+    def _remaining(self) -> np.ndarray | None:
+        """Positions the current leg plans over (None: the whole epoch)."""
+        if len(self.legs) == 1:
+            return None
+        key = (self.epoch, tuple(self.legs[:-1]))
+        if self._remaining_cache is None or self._remaining_cache[0] != key:
+            remaining = plan.remaining_positions(self._total_positions(self.epoch), self.legs,
+                                                 self.dataset.seed, self.epoch)
+            self._remaining_cache = (key, remaining)
+        return self._remaining_cache[1]
+
+    def _leg_batches(self) -> int:
+        remaining = self._remaining()
+        n = self._total_positions(self.epoch) if remaining is None else len(remaining)
+        return plan.batches_per_rank(n, self.legs[-1])
+
+    def __len__(self) -> int:
+        """Batches the next `for batch in loader` yields (the rest of the current epoch)."""
+        return max(0, self._leg_batches() - self.legs[-1].batches)
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.legs = [self._fresh_leg()]
+
+    def __iter__(self) -> Iterator[dict]:
+        planned = self._leg_batches()
+        if planned == 0 and len(self.legs) == 1:
+            raise ValueError(
+                f"epoch {self.epoch} has {self._total_positions(self.epoch)} samples, fewer "
+                f"than one batch per rank (world size {self.world_size} x batch size "
+                f"{self.dataset.batch_size}); add data or lower the batch size")
+        leg = self.legs[-1]
+        if leg.batches < planned:
+            self.dataset.configure(self.epoch, self.legs, self._remaining())
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                                persistent_workers=False)
+            self._pass_stats = {}
+            try:
+                for batch in loader:
+                    self._account(batch)
+                    yield batch
+            finally:
+                self.finished_stats = self.stats
+                self._pass_stats = {}
+            if self.legs[-1].batches != planned:
+                raise RuntimeError(f"loader delivered {self.legs[-1].batches} of {planned} "
+                                   "planned batches in this epoch")
+        self._next_epoch()
+
+    def _account(self, batch: dict) -> None:
+        leg = self.legs[-1]
+        stream, stream_batch = batch.pop("_stream"), batch.pop("_stream_batch")
+        self._pass_stats[stream] = LoaderStats(**batch.pop("_stats"))
+        expected = leg.batches % leg.workers, leg.batches // leg.workers
+        if (stream, stream_batch) != expected:
+            raise RuntimeError(f"DataLoader delivered batch {stream_batch} of stream {stream}, "
+                               f"the plan expects batch {expected[1]} of stream {expected[0]}")
+        self.legs[-1] = replace(leg, batches=leg.batches + 1)
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "seed": self.dataset.seed, "epoch": self.epoch,
+                "legs": [asdict(leg) for leg in self.legs],
+                "sources": [[s.url, s.weight, [x.count for x in s.shards]]
+                            for s in self.dataset.sources],
+                "stats": asdict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')}, expected {STATE_VERSION}")
+        mine = self.state_dict()
+        for what in ("seed", "sources"):
+            theirs = state[what] if what == "seed" else [[u, w, list(c)] for u, w, c in state[what]]
+            if theirs != mine[what]:
+                raise ValueError(f"loader state was saved with a different {what} ({theirs!r}, "
+                                 f"now {mine[what]!r}); resuming would not continue the same "
+                                 "epoch plan")
+        self.epoch = int(state["epoch"])
+        self.legs = [plan.Leg(**leg) for leg in state["legs"]]
+        self.finished_stats = LoaderStats(**state["stats"])
+        self._pass_stats = {}
+        fresh = self._fresh_leg()
+        if not self.legs[-1].same_layout(fresh):
+            # elastic resume: re-plan the positions nobody delivered yet
+            self.legs = self.legs[:-1] if self.legs[-1].batches == 0 else self.legs
+            self.legs.append(fresh)
+            if len(self.legs) == 1:
+                self.legs = [fresh]
+
+
+def _default_rank_world(rank, world_size) -> tuple[int, int]:
+    dist = torch.distributed
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    return rank, world_size
+
+
+def make_loader(sources: str | ShardSource | Sequence, batch_size: int,
+                rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                seed: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                verify: bool = True, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                pin_memory: bool = False, prefetch_factor: int | None = None) -> ClipLoader:
+    """The streaming loader of one rank over one or several weighted shard sets.
+
+    sources: URL, ShardSource, or a list of them / of (url, weight) pairs.
+    rank / world_size: default to torch.distributed's when initialised, else 0 / 1.
+    shuffle_buffer: samples held (raw bytes) per worker for shuffling.
+    verify: check each shard's size and sha256 against the manifest when it is opened
+        (reads the shard whole into memory first); False streams it.
+    max_bad_fraction: stop with BadDataError when more than this fraction of a worker's
+        planned samples were bad.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    rank, world_size = _default_rank_world(rank, world_size)
+    resolved = []
+    for s in _as_sources(sources):
+        manifest = read_manifest(s.url)
+        resolved.append(_Source(s.url.rstrip("/"), float(s.weight), tuple(manifest.shards)))
+    dataset = ClipStream(resolved, batch_size, rank, seed, verify, max_bad_fraction)
+    return ClipLoader(dataset, world_size, num_workers, shuffle_buffer, pin_memory,
+                      prefetch_factor if num_workers > 0 else None)
