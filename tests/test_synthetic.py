@@ -209,10 +209,13 @@ def test_bl30k_tree_and_tar_archives_hold_the_same_files(bl30k):
     assert len(set(owner.values())) == len(archives)
 
 
-def test_bl30k_default_size_is_768_wide_512_tall(tmp_path):
+def test_default_sizes_are_the_real_sets(tmp_path):
     root = make_synthetic("bl30k", tmp_path / "bl", videos=1, frames=3, objects=1)
     assert Image.open(root / "BL30K/JPEGImages/bl00000/00002.jpg").size == (768, 512)
     assert ids_of(root / "BL30K/Annotations/bl00000/00002.png").shape == (512, 768)
+    root = make_synthetic("davis", tmp_path / "davis", videos=1, frames=3, objects=1)
+    assert Image.open(root / "2017/trainval/JPEGImages/480p/train-000/00002.jpg").size == (854, 480)
+    assert ids_of(root / "2017/test-dev/Annotations/480p/test-dev-000/00000.png").shape == (480, 854)
 
 
 def _counts_under_published_size_rule(masks: list[np.ndarray], label: int) -> bool:

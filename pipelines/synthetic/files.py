@@ -28,7 +28,7 @@ MARKER = "SYNTHETIC.json"
 
 def jpeg_bytes(rgb: np.ndarray) -> bytes:
     """An RGB uint8 image encoded as a baseline JPEG of fixed quality."""
-    ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]),
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                                [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for an image of shape {rgb.shape}")

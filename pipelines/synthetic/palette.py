@@ -41,7 +41,9 @@ def indexed_png(ids: np.ndarray) -> Image.Image:
 
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # no timestamp chunks: same pixels, same bytes
+    # No timestamp chunks: same pixels, same bytes. Level 3 halves the encoding time of the
+    # default (6) for masks about twice as large (a few KB at 480p).
+    image.save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 

@@ -45,6 +45,7 @@ class Sprite:
     """An object's appearance: colour premultiplied by alpha, and alpha, on a square canvas
     whose centre is the object's centre."""
     premultiplied: np.ndarray  # (S, S, 4) float32: RGB * alpha, alpha
+    alpha: np.ndarray          # (S, S) float32, contiguous: warped alone for id maps
     shape: str                 # one of SHAPES: doubles as the object's category name
 
     @property
@@ -104,7 +105,7 @@ class SceneObject:
 class Scene:
     size: tuple[int, int]   # (H, W)
     frames: int
-    background: np.ndarray  # (H + 2 * margin_y, W + 2 * margin_x, 3) float32 canvas
+    background: np.ndarray  # (H + 2 * margin_y, W + 2 * margin_x, 3) uint8 canvas
     pan: tuple[float, float, float, float]  # offset x, y at frame 0; velocity x, y (pixels)
     objects: tuple[SceneObject, ...]  # back to front
     wanderer: int | None = None       # id of the object that leaves and re-enters
@@ -162,7 +163,8 @@ def make_sprite(rng: np.random.Generator, radius: float, hue: float,
                  cv2.LINE_AA, shift)
     alpha_f = alpha.astype(np.float32) / 255.0
     skin = object_texture(rng, side, hue)
-    return Sprite(np.concatenate([skin * alpha_f[..., None], alpha_f[..., None]], axis=-1), shape)
+    return Sprite(np.concatenate([skin * alpha_f[..., None], alpha_f[..., None]], axis=-1),
+                  alpha_f, shape)
 
 
 def _draw_motion(rng: np.random.Generator, size: tuple[int, int], frames: int, radius: float,
@@ -245,7 +247,7 @@ def make_scene(rng: np.random.Generator, size: tuple[int, int], frames: int,
     exit_axis = int(rng.integers(2))
 
     margin = (int(0.12 * h) + 1, int(0.12 * w) + 1)
-    background = background_texture(rng, (h + 2 * margin[0], w + 2 * margin[1]))
+    background = np.round(background_texture(rng, (h + 2 * margin[0], w + 2 * margin[1]))).astype(np.uint8)
     pan_direction = rng.uniform(0, 2 * np.pi)
     pan_speed = rng.uniform(0.003, 0.012) * unit * speed
     pan = (rng.uniform(0, 2 * margin[1]), rng.uniform(0, 2 * margin[0]),
@@ -287,12 +289,11 @@ def _placed(obj: SceneObject, t: int, size: tuple[int, int]):
     return x0, y0, x1, y1, matrix
 
 
-def _warp(obj: SceneObject, placed, channels: slice) -> np.ndarray:
+def _warp(source: np.ndarray, placed) -> np.ndarray:
+    """`source` (a sprite's premultiplied RGBA or its alpha) warped into the object's box."""
     x0, y0, x1, y1, matrix = placed
-    source = np.ascontiguousarray(obj.sprite.premultiplied[..., channels])
-    warped = cv2.warpAffine(source, matrix, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return warped if warped.ndim == 3 else warped[..., None]
+    return cv2.warpAffine(source, matrix, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def render(scene: Scene, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -308,13 +309,13 @@ def render(scene: Scene, t: int) -> tuple[np.ndarray, np.ndarray]:
         if placed is None:
             continue
         x0, y0, x1, y1, _ = placed
-        layer = _warp(obj, placed, slice(0, 4))
+        layer = _warp(obj.sprite.premultiplied, placed)
         alpha = layer[..., 3:4]
-        region = image[y0:y1, x0:x1]
-        region *= 1 - alpha
-        region += layer[..., :3]
+        # Blend in float inside the object's box only; the frame itself stays uint8.
+        blended = image[y0:y1, x0:x1] * (1 - alpha) + layer[..., :3]
+        image[y0:y1, x0:x1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
         ids[y0:y1, x0:x1][alpha[..., 0] >= 0.5] = obj.object_id
-    return np.clip(image + 0.5, 0, 255).astype(np.uint8), ids
+    return image, ids
 
 
 def render_ids(scene: Scene, t: int) -> np.ndarray:
@@ -326,7 +327,7 @@ def render_ids(scene: Scene, t: int) -> np.ndarray:
         placed = _placed(obj, t, scene.size)
         if placed is not None:
             x0, y0, x1, y1, _ = placed
-            ids[y0:y1, x0:x1][_warp(obj, placed, slice(3, 4))[..., 0] >= 0.5] = obj.object_id
+            ids[y0:y1, x0:x1][_warp(obj.sprite.alpha, placed) >= 0.5] = obj.object_id
     return ids
 
 
@@ -335,7 +336,7 @@ def own_area(scene: Scene, obj: SceneObject, t: int) -> int:
     placed = _placed(obj, t, scene.size)
     if placed is None:
         return 0
-    return int((_warp(obj, placed, slice(3, 4)) >= 0.5).sum())
+    return int((_warp(obj.sprite.alpha, placed) >= 0.5).sum())
 
 
 def _worst_first_visibility(scene: Scene) -> float:
