@@ -1,0 +1,199 @@
+"""Memory bank and inference core: behaviour, and equality with a plain re-derivation."""
+
+import pytest
+import torch
+
+from stcn.aggregate import aggregate
+from stcn.inference import Annotation, InferenceConfig, InferenceCore, pad_to_multiple, unpad
+from stcn.memory import MemoryBank
+from stcn.network import STCN
+
+H, W = 32, 64          # multiples of 16: 2x4 memory positions per frame
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return STCN().eval()
+
+
+@pytest.fixture(scope="module")
+def video():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(6, 3, H, W, generator=g)
+    mask = torch.zeros(H, W, dtype=torch.long)
+    mask[4:20, 4:28] = 1
+    mask[14:30, 36:60] = 2
+    return images, mask
+
+
+def _frame(value: float, objects: int = 2, positions: int = 8):
+    key = torch.full((1, 4, 1, positions), value)
+    return key, torch.full((objects, 3, 1, positions), value)
+
+
+# -- memory bank -------------------------------------------------------------------------
+
+def test_top_k_at_least_memory_size_equals_full_softmax():
+    g = torch.Generator().manual_seed(0)
+    bank = MemoryBank(top_k=1000)
+    for _ in range(3):
+        bank.add(torch.randn(1, 8, 2, 3, generator=g), torch.randn(2, 5, 2, 3, generator=g))
+    query = torch.randn(1, 8, 2, 3, generator=g)
+    keys, values = bank.memory()
+    q = query.flatten(2)
+    affinity = (2 * keys.transpose(1, 2) @ q - keys.pow(2).sum(1).unsqueeze(2)) / 8 ** 0.5
+    expected = torch.bmm(values, torch.softmax(affinity, dim=1).expand(2, -1, -1)).view(2, 5, 2, 3)
+    torch.testing.assert_close(bank.read(query), expected)
+
+
+def test_top_1_reads_the_single_best_memory_position():
+    bank = MemoryBank(top_k=1)
+    keys = torch.eye(4).view(1, 4, 1, 4)          # position i has key e_i
+    values = torch.arange(4.0).view(1, 1, 1, 4)   # value = position index
+    bank.add(keys, values)
+    query = torch.tensor([0.0, 0.0, 3.0, 0.0]).view(1, 4, 1, 1)
+    assert bank.read(query).item() == 2.0
+
+
+def test_temporary_frame_is_replaced_and_flushed():
+    bank = MemoryBank()
+    bank.add(*_frame(0))
+    bank.add(*_frame(1), temporary=True)
+    bank.add(*_frame(2), temporary=True)
+    keys, _ = bank.memory()
+    assert bank.num_frames == 1 and keys[0, 0, ::8].tolist() == [0, 2]
+    bank.add(*_frame(3))
+    keys, _ = bank.memory()
+    assert not bank.has_temporary and keys[0, 0, ::8].tolist() == [0, 3]
+
+
+def test_max_frames_drops_oldest_frame_after_the_first():
+    bank = MemoryBank(max_frames=3)
+    for value in range(6):
+        bank.add(*_frame(value))
+    keys, values = bank.memory()
+    assert bank.num_frames == 3
+    assert keys[0, 0, ::8].tolist() == [0, 4, 5]
+    assert values[1, 2, ::8].tolist() == [0, 4, 5]
+
+
+def test_first_frame_is_permanent_even_if_marked_temporary():
+    bank = MemoryBank()
+    bank.add(*_frame(7), temporary=True)
+    assert bank.num_frames == 1 and not bank.has_temporary
+
+
+# -- inference core --------------------------------------------------------------------------
+
+def _reference_labels(net, images, mask, num_objects, mem_every, include_last):
+    """Published DAVIS loop re-derived with the training-style full-softmax ``net.segment``."""
+    one_hot = torch.stack([(mask == i).float() for i in range(1, num_objects + 1)])[:, None]
+    with torch.no_grad():
+        k, _, f16, _, _ = net.encode_key(images[:1])
+        prob = aggregate(one_hot, keep_bg=True)[1:, 0]                       # K, H, W
+        keys, values = [k], [net.encode_values(images[:1], f16, prob[None])]
+        temp = None
+        labels = [mask]
+        for t in range(1, images.shape[0]):
+            k, f16_thin, f16, f8, f4 = net.encode_key(images[t:t + 1])
+            mk = torch.stack(keys + ([temp[0]] if temp else []), 2)
+            mv = torch.cat(values + ([temp[1]] if temp else []), 3)
+            logits, prob = net.segment(k, f16_thin, f8, f4, mk, mv)
+            labels.append(torch.argmax(logits[0], 0))
+            if t != images.shape[0] - 1:
+                value = net.encode_values(images[t:t + 1], f16, prob)
+                if t % mem_every == 0:
+                    keys.append(k), values.append(value)
+                    temp = None
+                elif include_last:
+                    temp = (k, value)
+    return labels
+
+
+@pytest.mark.parametrize("mem_every,include_last", [(2, False), (3, True)])
+def test_core_with_large_top_k_equals_full_softmax_rederivation(net, video, mem_every, include_last):
+    images, mask = video
+    core = InferenceCore(net, InferenceConfig(top_k=10_000, mem_every=mem_every, include_last=include_last))
+    result = core.segment(images, [Annotation(0, mask)], 2)
+    expected = _reference_labels(net, images, mask, 2, mem_every, include_last)
+    assert sorted(result) == list(range(images.shape[0]))
+    for t, labels in enumerate(expected):
+        assert (torch.from_numpy(result[t]).long() == labels).all(), f"frame {t} differs"
+
+
+def test_segmentation_is_deterministic_and_keeps_the_first_mask(net, video):
+    images, mask = video
+    core = InferenceCore(net, InferenceConfig(mem_every=2, include_last=True))
+    first = core.segment(images, [Annotation(0, mask)], 2)
+    second = core.segment(images, [Annotation(0, mask)], 2)
+    assert all((first[t] == second[t]).all() for t in first)
+    assert (torch.from_numpy(first[0]).long() == mask).all()
+
+
+def test_late_object_joins_at_its_frame_without_changing_earlier_frames(net, video):
+    images, mask = video
+    first_only = (mask == 1).long()
+    late = torch.zeros_like(mask)
+    late[20:30, 40:60] = 2
+    core = InferenceCore(net, InferenceConfig(mem_every=2))
+    alone = core.segment(images, [Annotation(0, first_only)], 2)
+    both = core.segment(images, [Annotation(0, first_only), Annotation(3, late)], 2)
+    for t in range(3):
+        assert (both[t] == alone[t]).all() and not (both[t] == 2).any()
+    assert (both[3][late.numpy() == 2] == 2).all()
+
+
+def test_propagation_starts_at_the_first_annotation_and_only_requested_frames_return(net, video):
+    images, mask = video
+    core = InferenceCore(net)
+    result = core.segment(images, [Annotation(2, mask)], 2, output_frames={0, 2, 5})
+    assert sorted(result) == [2, 5]
+
+
+def test_output_is_resized_to_the_requested_size_and_padding_is_undone(net):
+    images = torch.randn(3, 3, 20, 40)                   # not multiples of 16: padded to 32x48
+    mask = torch.zeros(20, 40, dtype=torch.long)
+    mask[5:15, 5:20] = 1
+    core = InferenceCore(net)
+    same = core.segment(images, [Annotation(0, mask)], 1)
+    assert same[0].shape == (20, 40) and (torch.from_numpy(same[0]).long() == mask).all()
+    bigger = core.segment(images, [Annotation(0, mask)], 1, output_size=(40, 80))
+    assert all(m.shape == (40, 80) for m in bigger.values())
+    assert (bigger[0][10:30, 10:40] == 1).all() and bigger[0][:, 50:].max() == 0
+
+
+def test_pad_and_unpad_round_trip():
+    x = torch.randn(2, 1, 21, 35)
+    padded, pads = pad_to_multiple(x)
+    assert padded.shape[-2:] == (32, 48) and pads == (6, 7, 5, 6)
+    assert torch.equal(unpad(padded, pads), x)
+
+
+def test_bounded_memory_changes_nothing_while_under_the_bound(net, video):
+    images, mask = video
+    unbounded = InferenceCore(net, InferenceConfig(mem_every=1)).segment(images, [Annotation(0, mask)], 2)
+    bounded = InferenceCore(net, InferenceConfig(mem_every=1, max_memory_frames=images.shape[0])).segment(
+        images, [Annotation(0, mask)], 2)
+    tight = InferenceCore(net, InferenceConfig(mem_every=1, max_memory_frames=1)).segment(
+        images, [Annotation(0, mask)], 2)
+    first_frame_only = InferenceCore(net, InferenceConfig(mem_every=100)).segment(
+        images, [Annotation(0, mask)], 2)
+    assert all((unbounded[t] == bounded[t]).all() for t in unbounded)
+    assert all((tight[t] == first_frame_only[t]).all() for t in tight)
+
+
+def test_amp_is_refused_on_cpu(net):
+    with pytest.raises(ValueError, match="CUDA only"):
+        InferenceCore(net, InferenceConfig(amp="bf16"))
+
+
+def test_bad_annotations_are_rejected(net, video):
+    images, mask = video
+    core = InferenceCore(net)
+    with pytest.raises(ValueError, match="at least the first frame"):
+        core.segment(images, [], 2)
+    with pytest.raises(ValueError, match="size"):
+        core.segment(images, [Annotation(0, mask[:10])], 2)
+    with pytest.raises(ValueError, match="outside 1..1"):
+        core.segment(images, [Annotation(0, mask)], 1)
