@@ -34,6 +34,9 @@ BL30K_GROWTH = 1.5
 FSS_IMAGES_PER_CLASS = 3
 STATIC_FLAT_SETS = ("DUTS-TR", "DUTS-TE", "ecssd", "BIG_small", "HRSOD_small")
 FSS_SIZE = (224, 224)  # FSS-1000 images are 224x224
+# Salient objects fill much of their image: the foreground's radius, as a fraction of the
+# shorter side (distractors keep the usual video-object sizes).
+FOREGROUND_RADIUS = (0.22, 0.32)
 YOUTUBE_SPEED = 0.5    # its frames are 5 apart once subsampled, so objects move slower
 
 
@@ -240,7 +243,7 @@ def write_static(root: Path, spec: SyntheticSpec, progress: Progress) -> None:
     for c in range(spec.videos):
         class_rng = scene_rng(spec, "fss-class", c)
         class_size = spec.size or FSS_SIZE
-        look = make_sprite(class_rng, 0.13 * min(class_size), class_rng.random())
+        look = make_sprite(class_rng, FOREGROUND_RADIUS[1] * min(class_size), class_rng.random())
         for n in range(1, FSS_IMAGES_PER_CLASS + 1):
             scene = make_scene(scene_rng(spec, f"fss-{c}", n), class_size, 1, objects,
                                sprites={1: look})
@@ -249,7 +252,9 @@ def write_static(root: Path, spec: SyntheticSpec, progress: Progress) -> None:
     for name in STATIC_FLAT_SETS:
         for i in range(spec.videos):
             size = spec.size or ((480, 640) if i % 2 == 0 else (640, 480))
-            scene = make_scene(scene_rng(spec, name, i), size, 1, objects)
+            rng = scene_rng(spec, name, i)
+            foreground = make_sprite(rng, rng.uniform(*FOREGROUND_RADIUS) * min(size), rng.random())
+            scene = make_scene(rng, size, 1, objects, sprites={1: foreground})
             _write_static_image(root / name, f"img_{i:05d}", scene)
             progress(1)
 

@@ -267,6 +267,9 @@ def make_scene(rng: np.random.Generator, size: tuple[int, int], frames: int,
             best, best_score = scene, score
         if score >= MIN_VISIBLE_FRACTION:
             break
+    if best_score <= 0:
+        raise ValueError(f"could not place {len(objects)} objects in a {h}x{w} frame so that each "
+                         f"is visible in its first frame; use fewer objects or a larger size")
     return best
 
 
