@@ -60,8 +60,18 @@ from .manifest import (FORMAT_VERSION, Manifest, ManifestError, ShardInfo, merge
                        read_manifest, write_manifest)
 from .reader import ShardError, iter_samples, iter_shard
 from .writer import ShardWriter, write_shard
-from .stream import (BadDataError, BadDataWarning, ClipLoader, ClipStream, LoaderStats,
-                     ShardSource, make_loader)
+
+# The streaming loader needs torch; CPU preprocessing jobs (pipelines/) write shards without
+# it, so shards.stream is imported on first use of one of its names.
+_STREAM_NAMES = ("BadDataError", "BadDataWarning", "ClipLoader", "ClipStream", "LoaderStats",
+                 "ShardSource", "make_loader")
+
+
+def __getattr__(name):
+    if name in _STREAM_NAMES:
+        from . import stream
+        return getattr(stream, name)
+    raise AttributeError(f"module 'shards' has no attribute {name!r}")
 
 __all__ = [
     "BadDataError", "BadDataWarning", "ClipLoader", "ClipStream", "LoaderStats", "ShardSource",
