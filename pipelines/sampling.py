@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 #: BL30K object-size rule, in pixels of the 384x384 clip (published): an object counts if it
@@ -44,13 +45,19 @@ class TripletSampler:
         return indices
 
 
+def _histogram(mask: np.ndarray) -> np.ndarray:
+    """Pixel count per id 0..255 (cv2.calcHist: ~10x faster than np.bincount on uint8)."""
+    return cv2.calcHist([np.ascontiguousarray(mask)], [0], None, [256], [0, 256]).reshape(-1).astype(np.int64)
+
+
 def eligible_objects(masks: np.ndarray, size_rule: bool = False) -> list[int]:
     """Object ids of a clip's masks (3, H, W) that may be chosen as targets: present in the
     first frame and, with `size_rule` (BL30K), passing the object-size rule."""
-    areas = [np.bincount(m.ravel(), minlength=256) for m in masks]
+    areas = [_histogram(masks[0])]
     ids = [int(i) for i in np.flatnonzero(areas[0]) if i != 0]
     if not size_rule:
         return ids
+    areas += [_histogram(m) for m in masks[1:]]
     keep = []
     for i in ids:
         first = areas[0][i]
