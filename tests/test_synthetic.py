@@ -287,6 +287,40 @@ def test_copying_the_first_mask_scores_low_on_moving_objects(davis):
     assert np.mean(ious) < 0.5, f"first-frame copy IoU {np.mean(ious):.2f}: objects barely move"
 
 
+def _nearest_colour_labels(image: np.ndarray, examples: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    pixels = image.reshape(-1, 3)
+    distances = (examples ** 2).sum(1)[None] - 2 * pixels @ examples.T  # + |pixel|^2, constant
+    return labels[distances.argmin(1)].reshape(image.shape[:2])
+
+
+def test_appearance_carries_over_time_so_a_tracker_can_beat_copying(davis):
+    """A 1-nearest-neighbour colour classifier fitted on frame 0 alone (no motion model)
+    must beat copying the first mask by a clear margin: objects keep their look."""
+    rng = np.random.default_rng(0)
+    videos = (davis / "2017/trainval/ImageSets/2017/train.txt").read_text().split()
+    copied, classified = [], []
+    for video in videos:
+        folder = davis / "2017/trainval/JPEGImages/480p" / video
+        images = [np.asarray(Image.open(folder / f"{t:05d}.jpg"), dtype=np.float32) for t in range(FRAMES)]
+        masks = _video_masks(davis, video)
+        examples, labels = [], []
+        for label in range(OBJECTS + 1):
+            pixels = images[0][masks[0] == label]
+            pick = rng.choice(len(pixels), size=min(100, len(pixels)), replace=False)
+            examples.append(pixels[pick])
+            labels += [label] * len(pick)
+        examples, labels = np.concatenate(examples), np.array(labels)
+        for t in range(1, FRAMES):
+            predicted = _nearest_colour_labels(images[t], examples, labels)
+            for label in range(1, OBJECTS + 1):
+                truth, first = masks[t] == label, masks[0] == label
+                if truth.any():
+                    copied.append((truth & first).sum() / (truth | first).sum())
+                    guess = predicted == label
+                    classified.append((truth & guess).sum() / (truth | guess).sum())
+    assert np.mean(classified) > np.mean(copied) + 0.15, (np.mean(classified), np.mean(copied))
+
+
 def test_some_object_leaves_the_frame_and_comes_back(davis):
     videos = (davis / "2017/trainval/ImageSets/2017/train.txt").read_text().split()
     returns = 0

@@ -224,7 +224,7 @@ def make_scene(rng: np.random.Generator, size: tuple[int, int], frames: int,
         raise ValueError(f"object ids must be distinct and in 1..255, got {ids}")
     hue0 = rng.random()
     regular = [s for s in objects if s.area is None]
-    radii, made = {}, {}
+    radii, made, hues = {}, {}, []
     for k, spec in enumerate(objects):
         given = (sprites or {}).get(spec.object_id)
         if given is not None:
@@ -235,6 +235,7 @@ def make_scene(rng: np.random.Generator, size: tuple[int, int], frames: int,
             radius = rng.uniform(0.1, 0.2) * unit
             hue = (hue0 + k / max(len(regular), 1) + rng.uniform(-0.04, 0.04)) % 1.0
             shape = None
+            hues.append(hue)
         else:
             radius = float(np.sqrt(spec.area / np.pi))
             hue, shape = rng.random(), SIZED_SHAPE
@@ -247,7 +248,9 @@ def make_scene(rng: np.random.Generator, size: tuple[int, int], frames: int,
     exit_axis = int(rng.integers(2))
 
     margin = (int(0.12 * h) + 1, int(0.12 * w) + 1)
-    background = np.round(background_texture(rng, (h + 2 * margin[0], w + 2 * margin[1]))).astype(np.uint8)
+    lookalikes = tuple(rng.permutation(hues)[:(len(hues) + 1) // 2].tolist())
+    background = np.round(background_texture(rng, (h + 2 * margin[0], w + 2 * margin[1]),
+                                              lookalikes)).astype(np.uint8)
     pan_direction = rng.uniform(0, 2 * np.pi)
     pan_speed = rng.uniform(0.003, 0.012) * unit * speed
     pan = (rng.uniform(0, 2 * margin[1]), rng.uniform(0, 2 * margin[0]),

@@ -72,9 +72,12 @@ def object_texture(rng: np.random.Generator, size: int, hue: float) -> np.ndarra
     return np.clip(skin + grain, 0, 255).astype(np.float32)
 
 
-def background_texture(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+def background_texture(rng: np.random.Generator, shape: tuple[int, int],
+                       lookalike_hues: tuple[float, ...] = ()) -> np.ndarray:
     """A large RGB canvas (float32, 0..255) for the camera to pan over: muted colour fields
-    at several scales, a low-contrast pattern, and a few flat shapes as distractors."""
+    at several scales, a low-contrast pattern, a few flat shapes, and one textured
+    look-alike per hue in `lookalike_hues` (painted into the background, so it moves with
+    the camera, not like an object)."""
     h, w = shape
     scale = min(h, w)
     base = np.stack([smooth_noise(rng, shape, scale / 3) for _ in range(3)], axis=-1)
@@ -93,4 +96,17 @@ def background_texture(rng: np.random.Generator, shape: tuple[int, int]) -> np.n
         colour = hsv_colour(rng.random(), rng.uniform(0.2, 0.7), rng.uniform(0.3, 0.9))
         cv2.ellipse(canvas, centre, axes, float(rng.uniform(0, 180)), 0, 360,
                     [float(c) for c in colour], -1, cv2.LINE_AA)
+    for hue in lookalike_hues:
+        # Same hue family as an object, other pattern and shape: colour alone cannot tell
+        # the object from it, its motion and shape can.
+        half = int(rng.uniform(0.05, 0.1) * scale) + 1
+        side = 2 * half + 1
+        skin = object_texture(rng, side, hue)
+        alpha = np.zeros((side, side), dtype=np.float32)
+        cv2.ellipse(alpha, (half, half), (half, int(half * rng.uniform(0.4, 1.0))),
+                    float(rng.uniform(0, 180)), 0, 360, 1.0, -1, cv2.LINE_AA)
+        y, x = int(rng.integers(0, max(h - side, 1))), int(rng.integers(0, max(w - side, 1)))
+        region = canvas[y:y + side, x:x + side]
+        a = alpha[:region.shape[0], :region.shape[1], None]
+        region[:] = region * (1 - a) + skin[:region.shape[0], :region.shape[1]] * a
     return np.clip(canvas, 0, 255).astype(np.float32)
