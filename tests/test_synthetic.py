@@ -362,6 +362,13 @@ def test_refuses_foreign_folders_and_leaves_nothing_partial(tmp_path, monkeypatc
     with pytest.raises(RuntimeError):
         make_synthetic("static", tmp_path / "out", videos=1, size=(48, 64))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    monkeypatch.undo()
+    # A killed run leaves a hidden staging folder behind; the next run clears it.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / f".out.partial-{gone.pid}").mkdir()
+    make_synthetic("static", tmp_path / "out", videos=1, size=(48, 64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
 
 
 def test_cli_writes_a_set_and_rejects_bad_options(tmp_path):

@@ -101,6 +101,7 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
                     f"{out} already holds a synthetic set; pass overwrite=True (--overwrite) "
                     f"to replace it, or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
@@ -113,3 +114,21 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Delete staging folders of `out` left by runs that were killed (their process is gone)."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
