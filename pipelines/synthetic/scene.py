@@ -77,17 +77,15 @@ class Motion:
 
     def pose(self, t: int) -> tuple[float, float, float, float]:
         """(centre x, centre y, angle in degrees, scale) at frame t."""
+        progress = t / max(self.frames - 1, 1)
         centre = []
         for axis in range(2):
-            value = (self.centre[axis] + self.velocity[axis] * t
-                     + self.wobble[axis] * np.sin(self.wobble_freq * t + self.wobble_phase[axis]))
             if axis == self.exit_axis:
-                value = self.centre[axis] + self.exit_amplitude * np.sin(
-                    np.pi * t / max(self.frames - 1, 1))
-            else:
-                value = _fold(value, *self.bounds[axis])
-            centre.append(value)
-        progress = t / max(self.frames - 1, 1)
+                centre.append(self.centre[axis] + self.exit_amplitude * np.sin(np.pi * progress))
+                continue
+            drift = (self.centre[axis] + self.velocity[axis] * t
+                     + self.wobble[axis] * np.sin(self.wobble_freq * t + self.wobble_phase[axis]))
+            centre.append(_fold(drift, *self.bounds[axis]))
         scale = (self.scale * (1 + self.scale_amp * np.sin(self.scale_freq * t + self.scale_phase))
                  * (1 + self.growth * progress))
         return centre[0], centre[1], self.angle + self.spin * t, scale
