@@ -15,6 +15,7 @@
 
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Union
 
@@ -47,7 +48,9 @@ def read_state_dict(source: Source) -> StateDict:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # Counter: MultiStepLR milestones inside published training checkpoints.
+        with torch.serialization.safe_globals([Counter]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
         raise CheckpointError(f"{path}: cannot be read as a PyTorch weights file ({err})") from err
     if not isinstance(loaded, Mapping):

@@ -7,6 +7,7 @@ BatchNorm, and the memory/aggregation formulas against direct NumPy computations
 """
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,8 @@ def test_missing_and_unreadable_files(tmp_path, multi_net):
 def test_training_checkpoint_and_saved_weights_round_trip(tmp_path, multi_net):
     state = state_dict_from_layout(reference_layout("multi"), seed=5)
     path = tmp_path / "checkpoint.pth"
-    torch.save({"it": 10, "network": state, "optimizer": {}}, path)
+    torch.save({"it": 10, "network": state, "optimizer": {"state": {}, "param_groups": []},
+                "scheduler": {"milestones": Counter({150000: 1}), "gamma": 0.1}}, path)
     load_stcn_weights(multi_net, path)
     out = save_stcn_weights(multi_net, tmp_path / "out" / "stcn.pth")
     assert sorted(p.name for p in out.parent.iterdir()) == ["stcn.pth"]     # no temp files left
