@@ -11,7 +11,7 @@ import io
 import tarfile
 from typing import Iterator
 
-from . import storage
+from . import codec, storage
 from .manifest import ShardInfo
 
 
@@ -43,42 +43,45 @@ def _open_checked(url: str, info: ShardInfo | None, verify: bool):
     return storage.open_read(url)
 
 
-def iter_shard(url: str, info: ShardInfo | None = None, verify: bool = True
-               ) -> Iterator[dict[str, bytes]]:
+def iter_shard(url: str, info: ShardInfo | None = None, verify: bool = True,
+               data: bytes | None = None) -> Iterator[dict[str, bytes]]:
     """Yield {"__key__": key, member: bytes, ...} per sample, in tar order.
 
     With `verify` and a manifest entry, the shard is read whole and its size and sha256
     checked before anything is yielded. A truncated or malformed tar raises ShardError after
-    the complete samples before the damage were yielded."""
+    the complete samples before the damage were yielded. `data`: the shard's bytes when
+    the caller has them already (`url` then only names the shard in errors)."""
     try:
-        fileobj = _open_checked(url, info, verify)
+        fileobj = io.BytesIO(data) if data is not None else _open_checked(url, info, verify)
     except FileNotFoundError:
         raise ShardError(f"shard {url}: not found") from None
     current: dict[str, bytes] | None = None
+    failure = None
     try:
         with fileobj, tarfile.open(fileobj=fileobj, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 key, ext = split_member_name(member.name)
+                if current is not None and current["__key__"] != key:
+                    # a new key starts: the previous sample is complete, hand it out
+                    # before reading on (damage further on must not take it along)
+                    yield current
+                    current = None
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise EOFError("unexpected end of data")
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
                 if current is None:
                     current = {"__key__": key}
                 current[ext] = data
-    except ShardError:
-        raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        # the group being assembled may lack members cut off by the damage: not yielded
+        failure = err
+    if current is not None and (failure is None or all(m in current for m in codec.MEMBERS)):
+        yield current  # every member read in full
+    if failure is not None:
         raise ShardError(f"shard {url}: unreadable tar after "
                          f"{'key ' + current['__key__'] if current else 'the start'} "
-                         f"({type(err).__name__}: {err})") from None
-    if current is not None:
-        yield current
+                         f"({type(failure).__name__}: {failure})")
 
 
 def iter_samples(url_dir: str, verify: bool = True) -> Iterator[dict]:

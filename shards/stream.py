@@ -176,9 +176,10 @@ class _StreamRun:
         self.stats.bad_shards += 1
         warnings.warn(f"{message}; skipping its remaining samples", BadDataWarning, stacklevel=2)
 
-    def _bad_sample(self, where: str, why: str, planned: int) -> None:
+    def _bad_sample(self, where: str, why: str, planned: int, warn: bool = True) -> None:
         self.stats.bad_samples += 1
-        warnings.warn(f"bad sample skipped: {where}: {why}", BadDataWarning, stacklevel=2)
+        if warn:
+            warnings.warn(f"bad sample skipped: {where}: {why}", BadDataWarning, stacklevel=2)
         limit = self.ds.max_bad_fraction * planned
         if self.stats.bad_samples > limit:
             raise BadDataError(
@@ -193,22 +194,23 @@ class _StreamRun:
         reader = self._read(np.sort(self.order[self.skip * b:]))
         held: dict[int, tuple[dict | None, str]] = {}  # the shuffle buffer: raw samples
         for j in range(self.skip, n_batches):
-            frames = masks = None
+            frames = masks = None  # numpy views of the batch tensors, made on first decode
+            tensors: dict[str, torch.Tensor] = {}
             metas, keys, bad_slots = [None] * b, [None] * b, []
             for slot, i in enumerate(self.order[j * b:(j + 1) * b]):
                 while i not in held:
                     got, members, where = next(reader)
                     held[got] = (members, where)
                 members, where = held.pop(i)
-                if members is None:
-                    self._bad_sample(where, "unreadable (see the shard warning)", planned)
+                if members is None:  # its shard failed; that warning named it already
+                    self._bad_sample(where, "its shard is unreadable", planned, warn=False)
                     bad_slots.append(slot)
                     continue
                 try:
                     if frames is None:
                         sample = decode_sample(members)
-                        frames = np.empty((b,) + sample["frames"].shape, np.uint8)
-                        masks = np.empty((b,) + sample["masks"].shape, np.uint8)
+                        frames = self._batch_array(tensors, "frames", sample["frames"].shape)
+                        masks = self._batch_array(tensors, "masks", sample["masks"].shape)
                         frames[slot] = sample["frames"]
                     else:
                         sample = decode_sample(members, frames_out=frames[slot])
@@ -219,34 +221,42 @@ class _StreamRun:
                 masks[slot] = sample["masks"]
                 metas[slot], keys[slot] = sample["meta"], sample["__key__"]
                 self.stats.samples_read += 1
-            frames, masks = self._fill_bad_slots(bad_slots, frames, masks, metas, keys)
-            yield {"frames": torch.from_numpy(frames), "masks": torch.from_numpy(masks),
+            self._fill_bad_slots(bad_slots, tensors, frames, masks, metas, keys)
+            yield {"frames": tensors["frames"], "masks": tensors["masks"],
                    "meta": metas, "__key__": keys,
                    "_stream": self.k, "_stream_batch": j, "_stats": asdict(self.stats)}
 
-    def _fill_bad_slots(self, bad_slots, frames, masks, metas, keys):
+    def _batch_array(self, tensors: dict, name: str, shape: tuple) -> np.ndarray:
+        """A uint8 batch array to decode into. In a DataLoader worker it lives in shared
+        memory from the start, so handing the batch to the main process copies nothing."""
+        tensor = torch.empty((self.ds.batch_size,) + tuple(shape), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            tensor.share_memory_()
+        tensors[name] = tensor
+        return tensor.numpy()
+
+    def _fill_bad_slots(self, bad_slots, tensors, frames, masks, metas, keys) -> None:
         """Put a duplicate of a good sample (this batch's first, else the stream's last)
-        into every bad slot; returns the (possibly newly allocated) batch arrays."""
+        into every bad slot (allocating the batch tensors if no sample was good)."""
         good = [s for s in range(len(keys)) if s not in bad_slots]
         if good:
             g = good[0]
             self.last_good = {"frames": frames[g].copy(), "masks": masks[g].copy(),
                               "meta": metas[g], "key": keys[g]}
         if not bad_slots:
-            return frames, masks
+            return
         src = self.last_good
         if src is None:
             raise BadDataError(f"loader stream {self.k} of rank {self.ds.rank}: no readable "
                                "sample yet to fill a batch with; check the shard set with "
                                "tools/verify_shards URL")
         if frames is None:
-            frames = np.empty((len(keys),) + src["frames"].shape, np.uint8)
-            masks = np.empty((len(keys),) + src["masks"].shape, np.uint8)
+            frames = self._batch_array(tensors, "frames", src["frames"].shape)
+            masks = self._batch_array(tensors, "masks", src["masks"].shape)
         for slot in bad_slots:
             frames[slot], masks[slot] = src["frames"], src["masks"]
             metas[slot], keys[slot] = src["meta"], src["key"]
             self.stats.substituted += 1
-        return frames, masks
 
 
 class ClipLoader:

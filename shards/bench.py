@@ -1,0 +1,77 @@
+"""Loader throughput against a pure-decode floor, measured in one run (tools/bench_loader).
+
+floor:      decode the same samples, already in memory, into batch arrays; one process,
+            no tar parsing, I/O, shuffling or torch. No loader can beat it per process.
+tar, 1 process / N workers: one full epoch of `make_loader` (all its work included).
+beton:      one epoch of the FFCV loader over the same samples (optional).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import storage
+from .codec import JPEG_DECODER, decode_sample
+from .manifest import read_manifest
+from .reader import iter_shard
+from .stream import make_loader
+
+
+def _raw_samples(url_dir: str) -> list[dict[str, bytes]]:
+    return [m for info in read_manifest(url_dir).shards
+            for m in iter_shard(storage.join(url_dir, info.name), info, verify=False)]
+
+
+def decode_floor(raw: list[dict[str, bytes]], batch_size: int, repeats: int = 1) -> float:
+    """Clips/s decoding `raw` into reused batch arrays (the best case of any loader)."""
+    first = decode_sample(raw[0])
+    frames = np.empty((batch_size,) + first["frames"].shape, np.uint8)
+    masks = np.empty((batch_size,) + first["masks"].shape, np.uint8)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for i, members in enumerate(raw):
+            sample = decode_sample(members, frames_out=frames[i % batch_size])
+            masks[i % batch_size] = sample["masks"]
+    return repeats * len(raw) / (time.perf_counter() - start)
+
+
+def _epoch_rate(loader) -> float:
+    start = time.perf_counter()
+    clips = sum(len(batch["__key__"]) for batch in loader)
+    return clips / (time.perf_counter() - start)
+
+
+def run_benchmark(url_dir: str, batch_size: int = 32, workers: int = 2,
+                  beton: str | None = None, verify: bool = True, seed: int = 0) -> dict:
+    """Figures in clips/s (see the module docstring); 'ratio' is tar 1 process / floor."""
+    raw = _raw_samples(url_dir)  # also warms the page cache for the timed runs
+    if len(raw) < batch_size:
+        raise ValueError(f"{url_dir}: {len(raw)} samples, fewer than one batch of {batch_size}")
+    results = {"samples": len(raw), "batch_size": batch_size, "jpeg_decoder": JPEG_DECODER,
+               "clip_shape": list(decode_sample(raw[0])["frames"].shape), "verify": verify}
+    results["floor"] = decode_floor(raw, batch_size)
+    results["tar_1_process"] = _epoch_rate(make_loader(url_dir, batch_size, num_workers=0,
+                                                       seed=seed, verify=verify))
+    results["ratio"] = results["tar_1_process"] / results["floor"]
+    if workers > 0:
+        results[f"tar_{workers}_workers"] = _epoch_rate(
+            make_loader(url_dir, batch_size, num_workers=workers, seed=seed, verify=verify))
+    if beton:
+        from .ffcv_backend import BetonLoader
+
+        for n in sorted({1, max(1, workers)}):
+            results[f"beton_{n}_workers"] = _epoch_rate(
+                BetonLoader(beton, batch_size, num_workers=n, seed=seed))
+    return results
+
+
+def format_results(results: dict) -> str:
+    lines = [f"{results['samples']} clips {results['clip_shape']}, batch {results['batch_size']}, "
+             f"JPEG decoder {results['jpeg_decoder']}, verify={results['verify']}"]
+    for name, value in results.items():
+        if name == "ratio":
+            lines.append(f"  {'tar 1 process / floor':24s} {value:8.1%}")
+        elif isinstance(value, float):
+            lines.append(f"  {name.replace('_', ' '):24s} {value:8.1f} clips/s")
+    return "\n".join(lines)
