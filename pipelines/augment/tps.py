@@ -1,17 +1,20 @@
 """Thin-plate-spline warps, computed on a coarse grid.
 
-A TPS through 12 control points is a very smooth field: evaluating it at every one of the
+A TPS through 12 control points is a smooth field: evaluating it at every one of the
 384x384 output pixels (what the published loader does, with a dense kernel matrix per image)
 is the slow part of its pipeline. Here it is evaluated on a GRID x GRID lattice and upsampled
-bilinearly with cv2.resize; the interpolation error is far below a pixel.
+bicubically with cv2.resize. Measured against the dense spline (200 random warps): mean
+error ~0.02 px, the largest error per warp is under 0.4 px for half the warps and under
+0.8 px for 90%; it reaches a few px only where two control points nearly coincide and the
+spline itself folds the image (tests/test_pipelines_augment.py).
 """
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
-#: Lattice size per side. Cells are 384 / 24 = 16 px; the field varies by < 0.1 px per cell.
-GRID = 24
+#: Lattice size per side (8 px cells at 384): ~1.5 ms per warp with the fit and upsampling.
+GRID = 48
 
 
 def _kernel(r2: np.ndarray) -> np.ndarray:
@@ -61,9 +64,9 @@ def tps_displacement(source: np.ndarray, dest: np.ndarray, size: int, grid: int 
     the input at p + field[p], so that what sat at a source point lands on its destination."""
     weights, affine = fit_tps(dest, source - dest)
     # Lattice points at the pixel positions cv2.resize treats as the centres of the coarse
-    # cells, so upsampling interpolates exactly between them.
+    # cells, so upsampling interpolates between them.
     centres = ((np.arange(grid) + 0.5) * size / grid - 0.5) / (size - 1)
     qx, qy = np.meshgrid(centres, centres)
     query = np.stack([qx.ravel(), qy.ravel()], axis=1)
     coarse = eval_tps(dest, weights, affine, query).reshape(grid, grid, 2) * (size - 1)
-    return cv2.resize(coarse.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(coarse.astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
