@@ -161,7 +161,8 @@ class STCN(nn.Module):
 
         frames (B, 3, 3, H, W) [batch, clip frame, RGB, H, W], normalised; first_mask
         (and, multi-object only, second_mask) (B, 1, H, W): the ground-truth masks of
-        clip frame 0; selector (B, 2) float, [1, 0] when the second object is absent.
+        clip frame 0; selector (B, 2) float, [1, 0] when the second object is absent
+        (``None``: both present, or only the first when ``second_mask`` is omitted).
         Frame 1 is segmented from memory {0}, its predicted masks are encoded, and
         frame 2 is segmented from memory {0, 1}.
         Returns {"logits": [frame 1, frame 2] each (B, 1 + K, H, W) with the background
