@@ -5,7 +5,7 @@ Fields: "frames" is an FFCV RGB image field holding our frame strip JPEG bytes u
 (no second lossy encode; FFCV decodes it with its compiled libjpeg-turbo pipeline);
 "masks" a raw uint8 (T, H, W) array field (FFCV has no compressed array field, so masks
 take T*H*W bytes per clip here against a few KB in the tar); "info" the key and meta as
-JSON bytes. The .beton is a local file (FFCV memory-maps it).
+an FFCV JSON field. The .beton is a local file (FFCV memory-maps it).
 
 FFCV's loader has no resumable state: this backend is for comparison and for users who
 want FFCV's page-cache-friendly reads; exact and elastic resumption is the tar loader's.
@@ -71,16 +71,15 @@ class _SetAsIndexed:
         members = self._cached[1][index - self.starts[shard]]
         masks = codec.decode_masks(members[codec.MASKS])
         t, h, w = masks.shape
-        info = json.dumps({"__key__": members["__key__"],
-                           "meta": json.loads(members[codec.META])}).encode("utf-8")
-        return (members[codec.FRAMES], t * h, w), masks, np.frombuffer(info, np.uint8)
+        info = {"__key__": members["__key__"], "meta": json.loads(members[codec.META])}
+        return (members[codec.FRAMES], t * h, w), masks, info
 
 
 def convert_to_beton(url_dir: str, out_path: str, verify: bool = True) -> int:
     """Write every sample of the shard set (manifest order) to the local .beton `out_path`
     (atomically: a temporary name, then a rename). Returns the sample count."""
     _require_ffcv()
-    from ffcv.fields import BytesField, NDArrayField, RGBImageField
+    from ffcv.fields import JSONField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
 
     dataset = _SetAsIndexed(url_dir, verify)
@@ -90,7 +89,7 @@ def convert_to_beton(url_dir: str, out_path: str, verify: bool = True) -> int:
     frames = RGBImageField(write_mode="jpg")
     frames.encode = types.MethodType(_store_jpeg_bytes, frames)
     fields = {"frames": frames, "masks": NDArrayField(np.dtype("uint8"), mask_shape),
-              "info": BytesField()}
+              "info": JSONField()}
     out_path = os.path.abspath(out_path)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     tmp = f"{out_path}.tmp-{os.getpid()}"
@@ -110,7 +109,10 @@ class BetonLoader:
     def __init__(self, path: str, batch_size: int, num_workers: int = 1, seed: int = 0,
                  shuffle: bool = True, distributed: bool = False, drop_last: bool = True):
         _require_ffcv()
+        from ffcv.fields import JSONField
         from ffcv.fields.decoders import BytesDecoder, NDArrayDecoder, SimpleRGBImageDecoder
+
+        self._unpack_info = JSONField.unpack
         from ffcv.loader import Loader, OrderOption
 
         self.loader = Loader(
@@ -128,6 +130,6 @@ class BetonLoader:
             b, t, h, w = masks.shape
             # FFCV reuses its output buffers for later batches: copy out
             frames = torch.from_numpy(np.array(strips).reshape(b, t, h, w, 3))
-            decoded = [json.loads(bytes(row).rstrip(b"\0")) for row in infos]
+            decoded = self._unpack_info(infos)
             yield {"frames": frames, "masks": torch.from_numpy(np.array(masks)),
                    "meta": [d["meta"] for d in decoded], "__key__": [d["__key__"] for d in decoded]}

@@ -6,6 +6,7 @@ moving elliptical objects.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 
@@ -23,8 +24,8 @@ def make_clip(rng: np.random.Generator, key: str, size: int = 384, n_objects: in
     velocity = rng.uniform(-0.03, 0.03, (n_objects, 2)) * size
     colours = rng.uniform(0, 255, (n_objects, 3)).astype(np.float32)
     for t in range(n_frames):
-        # smooth background: gradient + bilinearly upsampled coarse field + fine grain
-        up = np.kron(coarse[t], np.ones((h // 8 + 1, w // 8 + 1, 1), np.float32))[:h, :w]
+        # smooth background: gradient + bicubically upsampled coarse field + fine grain
+        up = cv2.resize(coarse[t], (w, h), interpolation=cv2.INTER_CUBIC)
         img = base + yy[..., None] * tilt[0] + xx[..., None] * tilt[1] + up
         img += rng.normal(0, 4, (h, w, 1)).astype(np.float32)
         for o in range(n_objects):
@@ -37,3 +38,20 @@ def make_clip(rng: np.random.Generator, key: str, size: int = 384, n_objects: in
             "max_skip": 1, "seed": int(rng.integers(1 << 31)), "objects": list(range(1, n_objects + 1)),
             "augmentation": {}}
     return {"__key__": key, "frames": frames, "masks": masks, "meta": meta}
+
+
+def write_synthetic_set(url_dir: str, count: int, size: int = 384, max_count: int = 128,
+                        seed: int = 0, progress: bool = True) -> int:
+    """Write `count` synthetic clips (8 per pseudo-video) plus a manifest to `url_dir`."""
+    from tqdm import tqdm
+
+    from .manifest import Manifest, write_manifest
+    from .writer import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    with ShardWriter(url_dir, max_count=max_count) as writer:
+        for i in tqdm(range(count), desc=f"write {url_dir}", unit="clip", disable=not progress):
+            writer.write(make_clip(rng, f"synthetic{i // 8:05d}-{i:06d}", size=size))
+    write_manifest(url_dir, Manifest(shards=writer.infos, config={
+        "generator": "shards.sample_clips", "count": count, "size": size, "seed": seed}))
+    return count
