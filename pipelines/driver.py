@@ -23,6 +23,7 @@ Manifest
 """
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -154,6 +155,8 @@ def make_plan(job: JobConfig) -> Plan:
                    "max_skip": job.max_skip if job.kind != "static" else 0,
                    "size_rule": job.kind == "bl30k", "augment": augment, "online": online,
                    **items}
+    # as it reads back from a manifest (tuples become lists), so records compare equal
+    plan.config = json.loads(json.dumps(plan.config))
     return plan
 
 

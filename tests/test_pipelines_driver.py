@@ -1,0 +1,190 @@
+"""The shard job end to end on synthetic sets: contents, determinism, task split, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shards
+from pipelines.driver import JobConfig, JobError, Task, merge, run_job
+from pipelines.plan import plan_stage
+from pipelines.synthetic import make_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    sets = {kind: make_synthetic(kind, root / kind, videos=3, objects=3, seed=2, size=(72, 96),
+                                 **({} if kind == "static" else {"frames": 40}))
+            for kind in ("davis", "youtube", "bl30k", "static")}
+    sets["static"] = make_synthetic("static", root / "static", videos=2, seed=2, size=(72, 96),
+                                    overwrite=True)
+    return sets
+
+
+def _samples(out):
+    return {s["__key__"]: s for s in shards.iter_samples(str(out))}
+
+
+def _bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(Path(out).glob("*.tar"))} | \
+        {"manifest.json": (Path(out) / "manifest.json").read_bytes()}
+
+
+@pytest.mark.parametrize("kind,max_skip", [("davis", 10), ("youtube", 10), ("bl30k", 5),
+                                           ("static", 0)])
+def test_clips_shapes_ids_and_skips(data, tmp_path, kind, max_skip):
+    out = tmp_path / kind
+    run_job(JobConfig(kind, str(data[kind]), str(out), clips=9, clips_per_shard=4,
+                      max_skip=max_skip or 5), progress=False)
+    manifest = shards.read_manifest(str(out))
+    assert [s.count for s in manifest.shards] == [4, 4, 1]
+    assert manifest.config["online"]["hflip"]["p"] == 0.5  # the trainer's online part
+    samples = _samples(out)
+    assert len(samples) == 9
+    frame_step = 5 if kind == "youtube" else 1
+    for s in samples.values():
+        frames, masks, meta = s["frames"], s["masks"], s["meta"]
+        assert frames.shape == (3, 384, 384, 3) and masks.shape == (3, 384, 384)
+        ids = set(np.unique(masks).tolist())
+        assert ids <= ({0, 1} if kind == "static" else set(range(0, 16)))
+        assert set(meta["objects"]) <= set(np.unique(masks[0]).tolist()) - {0}
+        if kind == "static":
+            assert meta["frame_index"] == [0, 0, 0]
+            continue
+        assert meta["objects"], "every video clip here has an eligible object"
+        a, b, c = sorted(meta["frame_index"])
+        listed_skip = max_skip // frame_step
+        assert 1 <= b - a <= listed_skip and 1 <= c - b <= listed_skip
+        raw = sorted(int(f) for f in meta["frames"])  # frame names are raw frame numbers
+        assert raw[1] - raw[0] <= max_skip and raw[2] - raw[1] <= max_skip
+
+
+def test_same_seed_same_bytes_whatever_workers_or_tasks(data, tmp_path):
+    job = dict(kind="davis", source=str(data["davis"]), clips=10, clips_per_shard=3, max_skip=15)
+    run_job(JobConfig(out=str(tmp_path / "one"), **job), workers=1, progress=False)
+    for index in (1, 0, 2):
+        run_job(JobConfig(out=str(tmp_path / "split"), **job), workers=2,
+                task=Task(index, 3), progress=False)
+    assert _bytes(tmp_path / "one") == _bytes(tmp_path / "split")
+    run_job(JobConfig(out=str(tmp_path / "other"), seed=1, **job), progress=False)
+    assert _bytes(tmp_path / "other") != _bytes(tmp_path / "one")
+
+
+def test_task_split_covers_every_clip_once(data, tmp_path):
+    job = JobConfig("youtube", str(data["youtube"]), str(tmp_path / "yt"), clips=11,
+                    clips_per_shard=2, max_skip=25)
+    keys = []
+    for index in range(4):
+        infos = run_job(job, task=Task(index, 4), progress=False)
+        for info in infos:
+            keys += [s["__key__"] for s in shards.iter_shard(str(tmp_path / "yt" / info.name), info)]
+        if index < 3:  # the set is not complete before the last task
+            assert not (tmp_path / "yt" / "manifest.json").exists()
+    assert len(keys) == len(set(keys)) == 11
+    assert sorted(keys) == sorted(_samples(tmp_path / "yt"))
+    # round-robin over the 3 videos: each video gives rounds 0..3 (11 = 3 + 3 + 3 + 2)
+    rounds = sorted(int(k.rsplit("-", 1)[1]) for k in keys)
+    assert rounds == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3]
+
+
+def test_merge_names_missing_units(data, tmp_path):
+    job = JobConfig("static", str(data["static"]), str(tmp_path / "s"), clips=6, clips_per_shard=2)
+    run_job(job, task=Task(0, 2), progress=False)
+    with pytest.raises(JobError, match="shard-000001"):
+        merge(str(tmp_path / "s"))
+    run_job(job, task=Task(1, 2), progress=False)
+    assert merge(str(tmp_path / "s")).num_samples == 6
+
+
+def test_other_config_into_same_set_is_refused(data, tmp_path):
+    job = dict(kind="davis", source=str(data["davis"]), out=str(tmp_path / "d"), clips=2,
+               clips_per_shard=2)
+    run_job(JobConfig(max_skip=5, **job), progress=False)
+    with pytest.raises(JobError, match="another config"):
+        run_job(JobConfig(max_skip=10, **job), progress=False)
+
+
+def test_bl30k_tree_and_archives_give_the_same_clips(data, tmp_path):
+    run_job(JobConfig("bl30k", str(data["bl30k"]), str(tmp_path / "tree"), clips_per_video=3,
+                      clips_per_shard=4, max_skip=10), progress=False)
+    run_job(JobConfig("bl30k", str(data["bl30k"] / "tars"), str(tmp_path / "tars"),
+                      clips_per_video=3, clips_per_shard=2, max_skip=10), workers=2,
+            progress=False)
+    tree, tars = _samples(tmp_path / "tree"), _samples(tmp_path / "tars")
+    assert len(tree) == 9 and sorted(tree) == sorted(tars)
+    for key, sample in tree.items():
+        assert np.array_equal(sample["frames"], tars[key]["frames"])
+        assert np.array_equal(sample["masks"], tars[key]["masks"])
+        assert sample["meta"] == tars[key]["meta"]
+    with pytest.raises(JobError, match="clips-per-video"):
+        run_job(JobConfig("bl30k", str(data["bl30k"] / "tars"), str(tmp_path / "x"),
+                          clips=5, max_skip=5), progress=False)
+
+
+def _make_shards(args, **popen):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards"), *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+
+
+@pytest.mark.parametrize("source", ["tree", "tars"])
+def test_kill_and_resume_gives_the_uninterrupted_set(data, tmp_path, source):
+    """kill -9 mid-run, rerun: same bytes as an uninterrupted run, nothing partial left."""
+    src = str(data["bl30k"] / "tars") if source == "tars" else str(data["davis"])
+    kind = "bl30k" if source == "tars" else "davis"
+    common = [kind, src, "--max-skip", "5", "--clips-per-shard", "2", "--no-progress"]
+    common += ["--clips-per-video", "4"] if source == "tars" else ["--clips", "24"]
+    out = tmp_path / "killed"
+    run = _make_shards([*common, "--out", str(out), "--workers", "2"], start_new_session=True)
+    deadline = time.time() + 60
+    while len(list(out.glob("*.tar"))) < 2 and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (out / "manifest.json").exists(), "killed before the end, yet complete?"
+    rerun = _make_shards([*common, "--out", str(out), "--workers", "2"])
+    assert rerun.wait(120) == 0, rerun.stderr.read().decode()
+    whole = _make_shards([*common, "--out", str(tmp_path / "whole"), "--workers", "1"])
+    assert whole.wait(120) == 0, whole.stderr.read().decode()
+    assert _bytes(out) == _bytes(tmp_path / "whole")
+    leftovers = [p.name for p in out.rglob(".*")]
+    assert leftovers == [], f"temporary files left behind: {leftovers}"
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["shards"]]
+    assert sorted(p.name for p in out.glob("*.tar")) == names  # no extra, none missing
+
+
+def test_plan_counts_follow_the_schedule():
+    from types import SimpleNamespace as NS
+
+    class Stage(NS):
+        def phase_start_iteration(self, i):
+            return round(self.phases[i].start * self.iterations)
+
+        def phase_end_iteration(self, i):
+            return (round(self.phases[i + 1].start * self.iterations)
+                    if i + 1 < len(self.phases) else self.iterations)
+    stage = Stage(stage=2, iterations=100_000, batch_size=4, sources={"davis": 5.0, "youtube": 1.0},
+                  phases=[NS(start=0.0, max_skip=5), NS(start=0.5, max_skip=10)])
+    needs = plan_stage(stage, gpus=2)
+    assert {n.name for n in needs} == {"davis/skip5", "youtube/skip5", "davis/skip10",
+                                       "youtube/skip10"}
+    for phase in (0, 1):
+        streamed = sum(n.clips for n in needs if n.phase == phase)
+        assert 50_000 * 4 * 2 <= streamed <= 50_000 * 4 * 2 + 10  # iterations x batch x GPUs
+    fewer = plan_stage(stage, gpus=2, clips_fraction=0.25)
+    assert sum(n.make for n in fewer) < sum(n.make for n in needs) / 3
+
+
+def test_pipelines_never_import_torch():
+    code = "import sys, pipelines.driver, pipelines.bench; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "False", out.stderr
