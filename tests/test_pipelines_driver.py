@@ -141,7 +141,7 @@ def test_kill_and_resume_gives_the_uninterrupted_set(data, tmp_path, source):
     src = str(data["bl30k"] / "tars") if source == "tars" else str(data["davis"])
     kind = "bl30k" if source == "tars" else "davis"
     common = [kind, src, "--max-skip", "5", "--clips-per-shard", "2", "--no-progress"]
-    common += ["--clips-per-video", "4"] if source == "tars" else ["--clips", "24"]
+    common += ["--clips-per-video", "8"] if source == "tars" else ["--clips", "24"]
     out = tmp_path / "killed"
     run = _make_shards([*common, "--out", str(out), "--workers", "2"], start_new_session=True)
     deadline = time.time() + 60
@@ -150,11 +150,14 @@ def test_kill_and_resume_gives_the_uninterrupted_set(data, tmp_path, source):
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert not (out / "manifest.json").exists(), "killed before the end, yet complete?"
+    finished = {p.stem: (out / f"{p.stem}.tar").stat().st_ino for p in (out / "_parts").glob("*-*.json")}
     rerun = _make_shards([*common, "--out", str(out), "--workers", "2"])
     assert rerun.wait(120) == 0, rerun.stderr.read().decode()
     whole = _make_shards([*common, "--out", str(tmp_path / "whole"), "--workers", "1"])
     assert whole.wait(120) == 0, whole.stderr.read().decode()
     assert _bytes(out) == _bytes(tmp_path / "whole")
+    assert finished and all((out / f"{n}.tar").stat().st_ino == ino for n, ino in finished.items()), \
+        "finished shards must be kept, not rewritten"
     leftovers = [p.name for p in out.rglob(".*")]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
     manifest = json.loads((out / "manifest.json").read_text())
