@@ -291,7 +291,9 @@ def run_job(job: JobConfig, workers: int = 1, task: Task | None = None,
     try:
         merge(job.out)
     except JobError as err:
-        print(f"make_shards: task {task.index}/{task.count} done; {err}", file=sys.stderr)
+        print(f"make_shards: task {task.index} of {task.count} done; {err}: the last task to "
+              f"finish writes manifest.json (or run `tools/make_shards merge {job.out}` once "
+              "every task has ended)", file=sys.stderr)
     return infos
 
 
@@ -416,9 +418,8 @@ def merge(out: str) -> shards.Manifest:
         expected = [f"shard-{u:06d}.json" for u in range(units)]
     missing = [e for e in expected if e not in records]
     if missing:
-        raise JobError(f"{len(missing)} of {len(expected)} units of {out} are not finished yet "
-                       f"(first: {missing[0].removesuffix('.json')}); rerun the missing tasks, "
-                       "then `make_shards merge`")
+        raise JobError(f"{len(missing)} of {len(expected)} units of {out} are not finished "
+                       f"(first: {missing[0].removesuffix('.json')})")
     parts = [shards.read_manifest(storage.join(storage.join(out, PARTS), e)) for e in expected]
     manifest = shards.merge_manifests(parts)
     shards.write_manifest(out, manifest)
