@@ -5,11 +5,11 @@ photometric steps online (so each epoch sees fresh colours). Those steps run her
 training device, vectorised over the batch, with their random draws taken from an explicit
 `torch.Generator` so a resumed run reproduces them exactly.
 
-The online steps come from the shard manifest's generating config (`config["online"]`), a list
-whose entries are a step name or a mapping {"name": NAME, **parameters}:
-  - "flip":               horizontal flip of the whole clip (frames and masks), p (0.5)
-  - "color_jitter":       per-clip jitter: brightness, contrast, saturation, hue
-  - "frame_color_jitter": the same, drawn independently for every frame
+The online steps come from the shard manifest's generating config (`config["online"]`, written
+by the pipeline): a mapping {step name: parameters} (or a list of names / {"name": ...} maps):
+  - "hflip":              horizontal flip of the whole clip (frames and masks), p (0.5)
+  - "color_jitter_clip":  one jitter per clip: brightness, contrast, saturation, hue
+  - "color_jitter_frame": the same, drawn independently for every frame
   - "grayscale":          whole clip to grayscale, p (0.05)
 Missing parameters take the published video values (STCN_FACTS.md, "Augmentation").
 Colour jitter applies brightness, contrast, saturation, hue in that fixed order.
@@ -47,26 +47,33 @@ class OnlineAugmentation:
     grayscale_p: float = 0.0
 
     @classmethod
-    def from_spec(cls, spec: Iterable[str | Mapping[str, Any]] | None) -> "OnlineAugmentation":
-        """Build from a manifest's `online` list (see the module docstring)."""
+    def from_spec(cls, spec: Mapping[str, Mapping[str, Any]] | Iterable[str | Mapping[str, Any]] | None
+                  ) -> "OnlineAugmentation":
+        """Build from a manifest's `online` entry (see the module docstring)."""
+        if isinstance(spec, Mapping):
+            steps = [(name, dict(params or {})) for name, params in spec.items()]
+        else:
+            steps = []
+            for entry in spec or ():
+                params = {"name": entry} if isinstance(entry, str) else dict(entry)
+                steps.append((params.pop("name", None), params))
         fields: dict[str, Any] = {}
-        for entry in spec or ():
-            params = {"name": entry} if isinstance(entry, str) else dict(entry)
-            name = params.pop("name", None)
-            if name == "flip":
-                fields["flip_p"] = float(params.get("p", 0.5))
-            elif name == "grayscale":
-                fields["grayscale_p"] = float(params.get("p", 0.05))
-            elif name in ("color_jitter", "frame_color_jitter"):
-                per_frame = name == "frame_color_jitter"
+        for name, params in steps:
+            per = params.pop("per", None)
+            if name in ("hflip", "grayscale"):
+                if per not in (None, "clip"):
+                    raise ValueError(f"online step {name} is applied per clip, got per={per!r}")
+                default_p = 0.5 if name == "hflip" else 0.05
+                fields["flip_p" if name == "hflip" else "grayscale_p"] = float(params.get("p", default_p))
+            elif name in ("color_jitter_clip", "color_jitter_frame"):
+                per_frame = name == "color_jitter_frame"
                 default = ColorJitter(0.01, 0.01, 0.01) if per_frame else ColorJitter(0.1, 0.03, 0.03)
-                jitter = dataclasses.replace(default, **{k: float(v) for k, v in params.items() if k != "p"})
+                jitter = dataclasses.replace(default, **{k: float(v) for k, v in params.items()})
                 fields["frame_jitter" if per_frame else "clip_jitter"] = jitter
             else:
                 raise ValueError(
-                    f"unknown online augmentation step {entry!r}: expected flip, color_jitter, "
-                    "frame_color_jitter or grayscale"
-                )
+                    f"unknown online augmentation step {name!r}: expected hflip, color_jitter_clip, "
+                    "color_jitter_frame or grayscale")
         return cls(**fields)
 
 

@@ -107,6 +107,7 @@ def open_loader(sets: Mapping[str, float], stage: StageConfig, options: TrainOpt
         world_size=context.world_size,
         seed=options.seed * 1000 + stage.stage * 100 + phase,
         num_workers=options.workers,
+        pin_memory=context.device.type == "cuda",
     )
 
 
@@ -211,6 +212,14 @@ def build_network(stage: StageConfig, options: TrainOptions, device: torch.devic
     return net
 
 
+def make_optimizer(params: list[torch.nn.Parameter], stage: StageConfig) -> torch.optim.Adam:
+    """Adam as published; the fused kernel (same update, far fewer launches) where available."""
+    try:
+        return torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # older torch, or a device without fused kernels
+        return torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
+
+
 # --------------------------------------------------------------------------- signals
 class StopSignal:
     """Records SIGTERM/SIGUSR1 so the loop can stop cleanly after the current step."""
@@ -256,7 +265,7 @@ class Trainer:
 
         self.net = build_network(stage, options, self.device)
         params = [p for p in self.net.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        self.optimizer = make_optimizer(params, stage)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(stage.lr_steps), gamma=stage.lr_gamma)
         self.amp_dtype = autocast_dtype(self.device, options.amp)
@@ -275,6 +284,7 @@ class Trainer:
         self.sample_rng = np.random.default_rng([options.seed, self.context.rank, stage.stage])
         self.augment_rng = torch.Generator().manual_seed(options.seed * 7919 + self.context.rank)
         self.losses: list[float] = []
+        self.last_metrics: dict[str, float] = {}
 
     # ---------------------------------------------------------------- state
     def _seed_everything(self, seed: int) -> None:
@@ -339,8 +349,8 @@ class Trainer:
             self._seed_everything(self.options.seed + self.iteration)
             self.sample_rng = np.random.default_rng([self.options.seed, self.context.rank, self.iteration])
             self.augment_rng.manual_seed(self.options.seed * 7919 + self.context.rank + self.iteration)
-            self.loader_state = {"phase": ranks[0]["loader"]["phase"],
-                                 "state": [r["loader"]["state"] for r in ranks]}
+            # The loader's position (epoch plan and batches delivered) is the same on every rank.
+            self.loader_state = ranks[0]["loader"]
 
     def save_checkpoint(self, loader: Any, phase: int) -> None:
         state = self.state_dict(loader, phase)
@@ -356,12 +366,15 @@ class Trainer:
 
     def batches(self, loader: Any) -> Iterator[dict[str, Any]]:
         """Endless batches: a finished epoch starts the next one."""
+        empty_passes = 0
         while True:
             produced = False
             for batch in loader:
                 produced = True
                 yield batch
-            if not produced:
+            # A resumed loader may sit at the very end of an epoch: one empty pass is normal.
+            empty_passes = 0 if produced else empty_passes + 1
+            if empty_passes > 1:
                 raise RuntimeError("the shard loader produced no batch: are the shard sets empty?")
 
     # ---------------------------------------------------------------- step
@@ -395,21 +408,23 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def run(self) -> TrainResult:
-        resumed = self.checkpoints.resolve(self.options.resume, map_location=self.device)
-        if resumed is not None:
-            self.load_state_dict(resumed[0])
-        monitor = TrainingMonitor(self.run_dir, self.context.is_main, self.stage.iterations,
-                                  initial=self.iteration, image_every=self.options.image_every,
-                                  progress=self.options.progress)
-        if resumed is not None:
-            monitor.message(f"resumed from {resumed[1]} at iteration {self.iteration}")
-        if self.context.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "stage.json").write_text(json.dumps(self.stage.to_dict(), indent=2))
-        try:
-            status = self._loop(monitor)
-        finally:
-            monitor.close()
+        # Handlers first: a preemption signal during start-up must not kill the process.
+        with StopSignal() as stop_signal:
+            resumed = self.checkpoints.resolve(self.options.resume, map_location="cpu")
+            if resumed is not None:
+                self.load_state_dict(resumed[0])
+            if self.context.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "stage.json").write_text(json.dumps(self.stage.to_dict(), indent=2))
+            monitor = TrainingMonitor(self.run_dir, self.context.is_main, self.stage.iterations,
+                                      initial=self.iteration, image_every=self.options.image_every,
+                                      progress=self.options.progress)
+            if resumed is not None:
+                monitor.message(f"resumed from {resumed[1]} at iteration {self.iteration}")
+            try:
+                status = self._loop(monitor, stop_signal)
+            finally:
+                monitor.close()
         weights = None
         if status == "completed":
             weights = self.run_dir / f"stcn_stage{self.stage.stage}.pth"
@@ -418,78 +433,76 @@ class Trainer:
             distributed.barrier()
         return TrainResult(status, self.iteration, self.losses, weights, self.last_metrics)
 
-    def _loop(self, monitor: TrainingMonitor) -> str:
+    def _loop(self, monitor: TrainingMonitor, stop_signal: StopSignal) -> str:
         stage, options = self.stage, self.options
         self.net.train()
-        self.last_metrics: dict[str, float] = {}
+        self.last_metrics = {}
         timer = StepTimer(self.device)
         window: list[torch.Tensor] = []
         nonfinite = 0
-        with StopSignal() as stop_signal:
-            while self.iteration < stage.iterations:
-                phase = stage.phase_index(self.iteration)
-                sets = self.phase_sets(phase)
-                augmentation = online_augmentation_for(sets)
-                loader = open_loader(sets, stage, options, self.context, phase)
-                if self.loader_state is not None and self.loader_state["phase"] == phase:
-                    loader.load_state_dict(self.loader_state["state"])
-                self.loader_state = None
-                monitor.message(f"phase {phase}: iterations {self.iteration}-{stage.phase_end_iteration(phase)}, "
-                                f"shard sets {sets}")
-                batches = self.batches(loader)
-                timer.restart()
-                while self.iteration < stage.phase_end_iteration(phase):
-                    batch = next(batches)
-                    timer.data_ready()
-                    frames, masks = prepare_batch(batch["frames"], batch["masks"], augmentation,
-                                                  self.augment_rng, self.device, options.crop,
-                                                  options.crop_mode, options.channels_last)
-                    targets = clip_targets(masks, *select_objects(batch["meta"], self.sample_rng,
-                                                                  stage.single_object))
-                    self.optimizer.zero_grad(set_to_none=True)
-                    out = self.step(frames, targets)
-                    figures = torch.stack([out["loss"].detach(), out["loss_frame1"].detach(),
-                                           out["loss_frame2"].detach(), out["iou_frame1"],
-                                           out["iou_frame2"]]).float()
-                    finite = bool(torch.isfinite(figures[0]).item())
-                    if distributed.any_rank(not finite, self.device):
-                        nonfinite += 1
-                        keys = ", ".join(batch["__key__"])
-                        message = (f"non-finite loss at iteration {self.iteration} on rank "
-                                   f"{self.context.rank} (samples: {keys})")
-                        if not finite:
-                            print(message, flush=True)
-                        if options.nan_policy == "stop":
-                            raise NonFiniteLossError(message + "; policy stop (use --nan-policy skip to skip)")
-                    else:
-                        self.scaler.scale(out["loss"]).backward()
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                        self.losses.append(float(figures[0]))
-                        window.append(figures)
-                    self.scheduler.step()
-                    self.iteration += 1
-                    timer.step_done(frames.shape[0])
+        while self.iteration < stage.iterations:
+            phase = stage.phase_index(self.iteration)
+            sets = self.phase_sets(phase)
+            augmentation = online_augmentation_for(sets)
+            loader = open_loader(sets, stage, options, self.context, phase)
+            if self.loader_state is not None and self.loader_state["phase"] == phase:
+                loader.load_state_dict(self.loader_state["state"])
+            self.loader_state = None
+            monitor.message(f"phase {phase}: iterations {self.iteration}-{stage.phase_end_iteration(phase)}, "
+                            f"shard sets {sets}")
+            batches = self.batches(loader)
+            timer.restart()
+            while self.iteration < stage.phase_end_iteration(phase):
+                batch = next(batches)
+                timer.data_ready()
+                frames, masks = prepare_batch(batch["frames"], batch["masks"], augmentation,
+                                              self.augment_rng, self.device, options.crop,
+                                              options.crop_mode, options.channels_last)
+                targets = clip_targets(masks, *select_objects(batch["meta"], self.sample_rng,
+                                                              stage.single_object))
+                self.optimizer.zero_grad(set_to_none=True)
+                out = self.step(frames, targets)
+                figures = torch.stack([out["loss"].detach(), out["loss_frame1"].detach(),
+                                       out["loss_frame2"].detach(), out["iou_frame1"],
+                                       out["iou_frame2"]]).float().cpu()
+                finite = bool(torch.isfinite(figures[0]))
+                if distributed.any_rank(not finite, self.device):
+                    nonfinite += 1
+                    message = (f"non-finite loss at iteration {self.iteration} on rank {self.context.rank} "
+                               f"(samples: {', '.join(batch['__key__'])})")
+                    if not finite:
+                        print(message, flush=True)
+                    if options.nan_policy == "stop":
+                        raise NonFiniteLossError(message + "; policy stop (--nan-policy skip skips such steps)")
+                else:
+                    self.scaler.scale(out["loss"]).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.losses.append(float(figures[0]))
+                    window.append(figures)
+                self.scheduler.step()
+                self.iteration += 1
+                timer.step_done(frames.shape[0])
 
-                    if monitor.wants_images(self.iteration):
-                        self._log_images(monitor, frames, targets, out)
-                    if self.iteration % options.log_every == 0 or self.iteration == stage.iterations:
-                        self._log(monitor, window, timer, out, nonfinite)
-                        window = []
-                        timer.reset()
-                    stop = stop_signal.received is not None
-                    stop_after = options.stop_after is not None and self.iteration >= options.stop_after
-                    if distributed.any_rank(stop, self.device) or stop_after:
-                        self.save_checkpoint(loader, phase)
-                        reason = f"signal {stop_signal.received}" if stop_signal.received else "stop-after"
-                        monitor.message(f"checkpointed at iteration {self.iteration} ({reason})")
-                        return "stopped" if stop_after and not stop else "preempted"
-                    if self.iteration % options.checkpoint_every == 0 or self.iteration == stage.iterations:
-                        self.save_checkpoint(loader, phase)
+                if monitor.wants_images(self.iteration):
+                    self._log_images(monitor, frames, targets, out)
+                if self.iteration % options.log_every == 0 or self.iteration == stage.iterations:
+                    self._log(monitor, window, timer, out, nonfinite, loader)
+                    window = []
+                    timer.reset()
+                signalled = distributed.any_rank(stop_signal.received is not None, self.device)
+                stop_after = options.stop_after is not None and self.iteration >= options.stop_after
+                if signalled or stop_after:
+                    self.save_checkpoint(loader, phase)
+                    reason = f"signal {stop_signal.received or 'on another rank'}" if signalled else "--stop-after"
+                    monitor.message(f"checkpointed at iteration {self.iteration} ({reason})")
+                    return "preempted" if signalled else "stopped"
+                if self.iteration % options.checkpoint_every == 0 or self.iteration == stage.iterations:
+                    self.save_checkpoint(loader, phase)
         return "completed"
 
     def _log(self, monitor: TrainingMonitor, window: list[torch.Tensor], timer: StepTimer,
-             out: Mapping[str, Any], nonfinite: int) -> None:
+             out: Mapping[str, Any], nonfinite: int, loader: Any) -> None:
         names = ("loss", "loss_frame1", "loss_frame2", "iou_frame1", "iou_frame2")
         means = torch.stack(window).mean(0) if window else torch.full((len(names),), math.nan)
         means = distributed.all_reduce_mean(means.to(self.device)).cpu()
@@ -500,6 +513,10 @@ class Trainer:
         figures["bootstrap_fraction"] = float(out["bootstrap_fraction"])
         figures["gpu_memory_gib"] = gpu_memory_gib(self.device)
         figures["nonfinite_steps"] = float(nonfinite)
+        stats = getattr(loader, "stats", None)
+        if stats is not None:
+            figures["bad_samples"] = float(stats.bad_samples)
+            figures["epoch"] = float(loader.epoch)
         self.last_metrics = figures
         monitor.scalars(self.iteration, figures)
         monitor.progress(self.iteration, {k: figures[k] for k in

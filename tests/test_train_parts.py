@@ -139,8 +139,11 @@ def test_prepare_batch_normalises_without_online_steps():
 
 def test_online_steps_are_deterministic_and_flip_frames_with_masks():
     frames, masks = _batch(b=8)
-    spec = ["flip", {"name": "color_jitter", "hue": 0.05}, "frame_color_jitter", {"name": "grayscale", "p": 0.5}]
+    spec = {"hflip": {"p": 0.5, "per": "clip"}, "color_jitter_clip": {"brightness": 0.1, "hue": 0.05},
+            "color_jitter_frame": {}, "grayscale": {"p": 0.5, "per": "clip"}}
     augmentation = OnlineAugmentation.from_spec(spec)
+    assert augmentation == OnlineAugmentation.from_spec(
+        ["hflip", {"name": "color_jitter_clip", "hue": 0.05}, "color_jitter_frame", {"name": "grayscale", "p": 0.5}])
     a = prepare_batch(frames, masks, augmentation, torch.Generator().manual_seed(3), "cpu")
     b = prepare_batch(frames, masks, augmentation, torch.Generator().manual_seed(3), "cpu")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -150,6 +153,8 @@ def test_online_steps_are_deterministic_and_flip_frames_with_masks():
     assert gray.any()
     with pytest.raises(ValueError, match="unknown online augmentation step"):
         OnlineAugmentation.from_spec(["rotate"])
+    with pytest.raises(ValueError, match="per clip"):
+        OnlineAugmentation.from_spec({"hflip": {"per": "frame"}})
 
 
 @pytest.mark.parametrize("mode", ["random", "center", "resize"])

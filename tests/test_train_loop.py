@@ -1,0 +1,201 @@
+"""The training loop end to end on tiny synthetic shard sets (CPU, 32x32 clips).
+
+Exact resume, phase switching, preemption signals, NaN policy, weight export and the
+stage-0 -> stage-3 hand-over, TensorBoard output.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import shards
+from shards.sample_clips import make_clip
+from stcn import trainer as trainer_module
+from stcn.network import STCN
+from stcn.stages import load_stage
+from stcn.trainer import NonFiniteLossError, TrainOptions, train
+from stcn.weights import load_stcn_weights
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def write_set(url: str, name: str, clips: int, seed: int, online=None) -> str:
+    rng = np.random.default_rng(seed)
+    samples = [make_clip(rng, f"{name}{i:03d}-0", size=SIZE, n_objects=1 + i % 3) for i in range(clips)]
+    half = clips // 2
+    infos = [shards.write_shard(f"{url}/shard-000000.tar", samples[:half]),
+             shards.write_shard(f"{url}/shard-000001.tar", samples[half:])]
+    config = {"kind": "synthetic"}
+    if online is not None:
+        config["online"] = online
+    shards.write_manifest(url, shards.Manifest(shards=infos, config=config))
+    return url
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    online = {"hflip": {"p": 0.5, "per": "clip"}, "color_jitter_clip": {"brightness": 0.1}}
+    write_set(str(root / "static"), "img", 12, 0)
+    for source, seed in (("davis", 1), ("youtube", 2)):
+        for skip in (5, 10):
+            write_set(str(root / source / f"skip{skip}"), f"{source}{skip}-", 10, seed + skip, online)
+    return root
+
+
+def two_phase_stage(stage: int, iterations: int, **fields):
+    """A short stage whose curriculum moves from skip 5 to skip 10 at 3/4 of the run."""
+    override = {"iterations": iterations, "batch_size": 1, "lr": 1e-4,
+                "phases": [{"start": 0.0, "max_skip": 5}, {"start": 0.75, "max_skip": 10}]}
+    if stage == 0:
+        override["phases"] = [{"start": 0.0, "max_skip": None}]
+    override.update(fields)
+    return load_stage(stage, override)
+
+
+def options(run_dir, root, **changes):
+    base = dict(run_dir=str(run_dir), shards=str(root), device="cpu", workers=0, crop=SIZE,
+                crop_mode="random", deterministic=True, checkpoint_every=100, log_every=1,
+                image_every=2, progress=False, seed=3)
+    base.update(changes)
+    return TrainOptions(**base)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_split_run_with_resume_matches_one_run_bitwise(tmp_path, shard_root, workers):
+    stage = two_phase_stage(3, iterations=4)
+    whole = train(stage, options(tmp_path / "whole", shard_root, workers=workers))
+    assert whole.status == "completed" and len(whole.losses) == 4
+
+    first = train(stage, options(tmp_path / "split", shard_root, workers=workers, stop_after=2))
+    assert first.status == "stopped" and first.iteration == 2
+    second = train(stage, options(tmp_path / "split", shard_root, workers=workers, resume="auto"))
+    assert second.status == "completed" and second.iteration == 4
+
+    assert first.losses + second.losses == whole.losses
+    a, b = weights(whole.weights_path), weights(second.weights_path)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    whole_ckpt = torch.load(tmp_path / "whole" / "checkpoint_000000004.pt", weights_only=False)
+    split_ckpt = torch.load(tmp_path / "split" / "checkpoint_000000004.pt", weights_only=False)
+    assert whole_ckpt["ranks"][0]["loader"] == split_ckpt["ranks"][0]["loader"]
+    assert whole_ckpt["ranks"][0]["loader"]["phase"] == 1  # the curriculum moved to skip 10
+
+
+def test_stage0_weights_export_and_widen_into_stage3(tmp_path, shard_root):
+    result = train(two_phase_stage(0, iterations=2), options(tmp_path / "s0", shard_root))
+    exported = weights(result.weights_path)
+    assert result.weights_path.name == "stcn_stage0.pth"
+    assert list(exported) == list(STCN(single_object=True).state_dict())
+    assert exported["value_encoder.conv1.weight"].shape[1] == 4
+
+    s03 = train(two_phase_stage(3, iterations=1),
+                options(tmp_path / "s03", shard_root, load_network=str(result.weights_path)))
+    widened = weights(s03.weights_path)["value_encoder.conv1.weight"]
+    assert widened.shape[1] == 5
+    load_stcn_weights(STCN(single_object=False), s03.weights_path)
+
+
+def test_resume_auto_continues_and_finished_run_is_idempotent(tmp_path, shard_root):
+    stage = two_phase_stage(3, iterations=2)
+    run = options(tmp_path / "run", shard_root, checkpoint_every=1)
+    assert train(stage, run).status == "completed"
+    again = train(stage, run)
+    assert again.status == "completed" and again.iteration == 2 and again.losses == []
+    with pytest.raises(ValueError, match="is for stage 3, not 2"):
+        train(two_phase_stage(2, iterations=2), run)
+
+
+def test_tensorboard_scalars_and_images(tmp_path, shard_root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(two_phase_stage(3, iterations=2), options(tmp_path / "tb", shard_root))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for name in ("loss_frame1", "loss_frame2", "iou_frame1", "iou_frame2", "lr", "bootstrap_fraction",
+                 "clips_per_s", "data_wait_fraction", "gpu_memory_gib"):
+        assert f"train/{name}" in scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert "train/frames_gt_prediction" in events.Tags()["images"]
+
+
+class _PoisonFirstLoss:
+    """Makes the first loss of the run NaN (stands in for a numerically bad batch)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.real = trainer_module.bootstrapped_cross_entropy
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        loss = self.real(*args, **kwargs)
+        return loss * float("nan") if self.calls == 1 else loss
+
+
+def test_nan_policy_skip_reports_and_continues(tmp_path, shard_root, monkeypatch, capsys):
+    monkeypatch.setattr(trainer_module, "bootstrapped_cross_entropy", _PoisonFirstLoss())
+    result = train(two_phase_stage(3, iterations=2), options(tmp_path / "nan", shard_root))
+    out = capsys.readouterr().out
+    assert "non-finite loss at iteration 0" in out and "-0" in out  # sample keys end in -0
+    assert result.status == "completed" and len(result.losses) == 1
+    assert result.last_metrics["nonfinite_steps"] == 1
+
+
+def test_nan_policy_stop_raises_with_sample_keys(tmp_path, shard_root, monkeypatch):
+    monkeypatch.setattr(trainer_module, "bootstrapped_cross_entropy", _PoisonFirstLoss())
+    with pytest.raises(NonFiniteLossError, match=r"iteration 0 .*samples: \w"):
+        train(two_phase_stage(3, iterations=2), options(tmp_path / "nan", shard_root, nan_policy="stop"))
+    assert not list((tmp_path / "nan").glob("checkpoint_*.pt"))
+
+
+def test_cli_checkpoints_and_exits_75_on_sigterm_then_resumes(tmp_path, shard_root):
+    run_dir = tmp_path / "cli"
+    command = [sys.executable, str(REPO / "tools" / "train"), "--stage", "3", "--shards", str(shard_root),
+               "--run-dir", str(run_dir), "--iterations", "400", "--batch-size", "1", "--crop", str(SIZE),
+               "--workers", "0", "--device", "cpu", "--no-progress", "--log-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # Wait until training runs (TensorBoard gets its first scalars after iteration 1).
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((run_dir / "tensorboard").glob("events.*")):
+            time.sleep(0.2)
+        time.sleep(3)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0].decode()
+    finally:
+        process.kill()
+    assert process.returncode == 75, output
+    checkpoints = sorted(run_dir.glob("checkpoint_*.pt"))
+    assert len(checkpoints) == 1 and "signal SIGTERM" in output
+    stopped_at = torch.load(checkpoints[0], weights_only=False)["iteration"]
+    assert 0 < stopped_at < 400
+
+    resumed = subprocess.run(command + ["--stop-after", str(stopped_at + 1)], env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from" in resumed.stderr + resumed.stdout
+    assert f"stopped at iteration {stopped_at + 1}" in resumed.stderr
+
+
+def test_cli_help_explains_every_option():
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "train"), "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for option in ("--stage", "--shards", "--run-dir", "--load-network", "--resume", "--iterations",
+                   "--batch-size", "--lr", "--crop", "--workers", "--config", "--amp", "--device",
+                   "--nan-policy", "--compile", "--channels-last"):
+        assert option in result.stdout
