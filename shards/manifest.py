@@ -20,7 +20,8 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA = {
     "__key__": "sample key, unique within the shard set, no dots",
     codec.FRAMES: "T RGB frames stacked vertically as one (T*H, W, 3) JPEG",
-    codec.MASKS: "uint8 (T, H, W) object-id label maps (0 = background) as .npy, zlib",
+    codec.MASKS: "uint8 (T, H, W) object-id label maps (0 = background): "
+                 "header <3H (T, H, W), then the raw bytes zlib-compressed",
     codec.META: "JSON metadata: source set, video, frame indices, max_skip, seed, "
                 "objects, augmentation parameters",
 }

@@ -211,14 +211,13 @@ class _StreamRun:
                         sample = decode_sample(members)
                         frames = self._batch_array(tensors, "frames", sample["frames"].shape)
                         masks = self._batch_array(tensors, "masks", sample["masks"].shape)
-                        frames[slot] = sample["frames"]
+                        frames[slot], masks[slot] = sample["frames"], sample["masks"]
                     else:
-                        sample = decode_sample(members, frames_out=frames[slot])
+                        sample = decode_sample(members, frames[slot], masks[slot])
                 except SampleDecodeError as err:
                     self._bad_sample(where, str(err), planned)
                     bad_slots.append(slot)
                     continue
-                masks[slot] = sample["masks"]
                 metas[slot], keys[slot] = sample["meta"], sample["__key__"]
                 self.stats.samples_read += 1
             self._fill_bad_slots(bad_slots, tensors, frames, masks, metas, keys)
@@ -228,10 +227,14 @@ class _StreamRun:
 
     def _batch_array(self, tensors: dict, name: str, shape: tuple) -> np.ndarray:
         """A uint8 batch array to decode into. In a DataLoader worker it lives in shared
-        memory from the start, so handing the batch to the main process copies nothing."""
-        tensor = torch.empty((self.ds.batch_size,) + tuple(shape), dtype=torch.uint8)
+        memory from the start, so handing the batch to the main process copies nothing;
+        in the main process numpy allocates it (numpy asks for transparent huge pages,
+        which makes first-touch page faults far cheaper than torch's allocation)."""
+        full = (self.ds.batch_size,) + tuple(shape)
         if get_worker_info() is not None:
-            tensor.share_memory_()
+            tensor = torch.empty(full, dtype=torch.uint8).share_memory_()
+        else:
+            tensor = torch.from_numpy(np.empty(full, np.uint8))
         tensors[name] = tensor
         return tensor.numpy()
 
@@ -326,7 +329,8 @@ class ClipLoader:
         leg = self.legs[-1]
         if leg.batches < planned:
             self.dataset.configure(self.epoch, self.legs, self._remaining())
-            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+            loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is,
+                                num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
                                 persistent_workers=False)
             self._pass_stats = {}
@@ -380,6 +384,11 @@ class ClipLoader:
             self.legs.append(fresh)
             if len(self.legs) == 1:
                 self.legs = [fresh]
+
+
+def _as_is(batch: dict) -> dict:
+    """ClipStream yields finished batches; DataLoader's default would walk every meta dict."""
+    return batch
 
 
 def _default_rank_world(rank, world_size) -> tuple[int, int]:

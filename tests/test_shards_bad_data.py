@@ -76,7 +76,7 @@ def corrupt_jpeg(shard, samples):
 
 def drop_member(shard, samples):
     if shard == 1:
-        del samples[2]["masks.npy.zlib"]
+        del samples[2]["masks.u8.zlib"]
 
 
 @pytest.mark.parametrize("damage,key", [(corrupt_jpeg, "v-015"), (drop_member, "v-008")])

@@ -43,7 +43,7 @@ def test_encode_rejects_bad_samples_with_a_clear_error(bad):
 
 def test_decode_names_missing_member():
     members = shards.encode_sample(clips(1)[0])
-    del members["masks.npy.zlib"]
+    del members["masks.u8.zlib"]
     with pytest.raises(shards.SampleDecodeError, match="vid-0000.*masks"):
         shards.decode_sample(members)
 
