@@ -18,11 +18,11 @@ from dataclasses import dataclass
 #: Training videos (images for static) per source in the official releases.
 SOURCE_ITEMS = {"static": 1, "bl30k": 29_989, "davis": 60, "youtube": 3_471}
 
-#: Bytes per clip of 384x384 shards (3 JPEG frames q90 + masks + meta), measured with
-#: `tools/make_shards` on the synthetic sets (README, section pipelines). Real footage has
-#: more texture than the synthetic scenes; override with --bytes-per-clip after a real run
-#: (manifest bytes / clips).
-BYTES_PER_CLIP = {"static": 61_000, "bl30k": 60_000, "davis": 61_000, "youtube": 52_000}
+#: Bytes per clip of 384x384 shards (3 JPEG frames q90 + masks + meta + tar headers),
+#: measured with make_shards on the synthetic sets at their real sizes (80 clips each,
+#: max skip 25; README, section pipelines). Real footage has more texture than the
+#: synthetic scenes: after a first real run, pass --bytes-per-clip (manifest bytes / clips).
+BYTES_PER_CLIP = {"static": 70_000, "bl30k": 66_000, "davis": 65_000, "youtube": 60_000}
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def format_plan(stage, gpus: int, needs: list[SetNeed], root: str, bytes_per_cli
         skip = f" --max-skip {name.split('skip')[1]}" if "/skip" in name else ""
         extra = (f"  (from archives: --clips-per-video "
                  f"{math.ceil(clips / SOURCE_ITEMS['bl30k'])})" if source == "bl30k" else "")
-        lines.append(f"  make_shards {source} SRC --out {root}/{name}{skip} --clips {clips}"
+        lines.append(f"  tools/make_shards {source} SRC --out {root}/{name}{skip} --clips {clips}"
                      f"   # ~{size / 1e9:.1f} GB{extra}")
     lines.append(f"total ~{total / 1e9:.1f} GB at "
                  + ", ".join(f"{s} {b / 1e3:.0f} KB" for s, b in sizes.items()) + " per clip")
