@@ -332,7 +332,8 @@ class Trainer:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16
+            self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         ranks = state["ranks"]
         if len(ranks) == self.context.world_size:
@@ -531,9 +532,11 @@ class Trainer:
 
 def train(stage: StageConfig, options: TrainOptions) -> TrainResult:
     """Run one stage (see the module docstring); the process group is torn down afterwards."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return Trainer(stage, options).run()
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         distributed.cleanup()
 
 

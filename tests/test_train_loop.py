@@ -199,3 +199,26 @@ def test_cli_help_explains_every_option():
                    "--batch-size", "--lr", "--crop", "--workers", "--config", "--amp", "--device",
                    "--nan-policy", "--compile", "--channels-last"):
         assert option in result.stdout
+
+
+def test_two_process_gloo_run_and_elastic_resume_in_one_process(tmp_path, shard_root):
+    run_dir = tmp_path / "ddp"
+    common = ["--stage", "3", "--shards", str(shard_root), "--run-dir", str(run_dir), "--iterations", "3",
+              "--batch-size", "1", "--crop", str(SIZE), "--workers", "0", "--device", "cpu",
+              "--no-progress", "--log-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(REPO / "tools" / "train"), *common, "--stop-after", "2"],
+                         env=env, capture_output=True, text=True, timeout=400)
+    assert two.returncode == 0, two.stdout + two.stderr
+    checkpoint = torch.load(run_dir / "checkpoint_000000002.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 2
+    # Both ranks read the same epoch plan and delivered the same number of batches.
+    assert checkpoint["ranks"][0]["loader"] == checkpoint["ranks"][1]["loader"]
+
+    one = subprocess.run([sys.executable, str(REPO / "tools" / "train"), *common], env=env,
+                         capture_output=True, text=True, timeout=400)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert "resuming a 2-process checkpoint with 1 processes" in one.stderr
+    assert "completed at iteration 3" in one.stderr
+    load_stcn_weights(STCN(single_object=False), run_dir / "stcn_stage3.pth")
