@@ -281,7 +281,7 @@ def run_job(job: JobConfig, workers: int = 1, task: Task | None = None,
         _init_worker(plan, counter)
     try:
         if plan.from_archives:
-            infos = _run_archives(plan, units, pool, counter, progress)
+            infos = _run_archives(plan, units, pool, workers, counter, progress)
         else:
             infos = _run_listed(plan, units, pool, counter, progress)
     finally:
@@ -353,7 +353,7 @@ def archive_record_url(out: str, url: str) -> str:
     return storage.join(storage.join(out, PARTS), f"{archive_name(url)}.archive.json")
 
 
-def _run_archives(plan: Plan, units: list[int], pool, counter, progress: bool):
+def _run_archives(plan: Plan, units: list[int], pool, workers: int, counter, progress: bool):
     job, infos = plan.job, []
     for unit in units:
         url = plan.source[unit]
@@ -380,7 +380,7 @@ def _run_archives(plan: Plan, units: list[int], pool, counter, progress: bool):
                 else:
                     pending[name] = pool.apply_async(_archive_unit, (unit_args,))
                     # bound memory: at most ~2 shards' videos per worker in flight
-                    while len(pending) >= 2 * pool._processes:
+                    while len(pending) >= 2 * workers:
                         time.sleep(0.05)
                         for n in [n for n, r in pending.items() if r.ready()]:
                             archive_infos[n] = pending.pop(n).get()

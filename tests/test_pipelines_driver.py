@@ -145,7 +145,8 @@ def test_kill_and_resume_gives_the_uninterrupted_set(data, tmp_path, source):
     out = tmp_path / "killed"
     run = _make_shards([*common, "--out", str(out), "--workers", "2"], start_new_session=True)
     deadline = time.time() + 60
-    while len(list(out.glob("*.tar"))) < 2 and run.poll() is None and time.time() < deadline:
+    while len(list(out.glob("_parts/*-*.json"))) < 2 and run.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
