@@ -192,3 +192,15 @@ def test_pipelines_never_import_torch():
     code = "import sys, pipelines.driver, pipelines.bench; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_trainer_reads_the_online_steps():
+    """The manifest's `online` entry is the contract with the trainer's device-side steps."""
+    from pipelines.augment import ONLINE_STATIC, ONLINE_VIDEO
+    from stcn.online_augment import OnlineAugmentation
+    video = OnlineAugmentation.from_spec(ONLINE_VIDEO)
+    assert video.flip_p == 0.5 and video.grayscale_p == 0.05
+    assert (video.clip_jitter.brightness, video.clip_jitter.contrast) == (0.1, 0.03)
+    assert video.frame_jitter.saturation == 0.01
+    static = OnlineAugmentation.from_spec(ONLINE_STATIC)
+    assert static.clip_jitter.hue == 0.05 and static.frame_jitter.brightness == 0.1
