@@ -67,6 +67,16 @@ def write_shard(url: str, samples: Iterable[dict], jpeg_quality: int = codec.DEF
     return _write_tar(url, data, count)
 
 
+def write_encoded_shard(url: str, encoded: Iterable[dict[str, bytes]]) -> ShardInfo:
+    """`write_shard` for samples already encoded with `codec.encode_sample` (e.g. by worker
+    processes, so the process that assembles shards does no encoding). Same bytes as
+    `write_shard` of the same samples."""
+    if not url.endswith(".tar"):
+        raise ValueError(f"shard URL {url!r} must end with .tar")
+    data, count = tar_bytes(encoded)
+    return _write_tar(url, data, count)
+
+
 class ShardWriter:
     """Write samples into `<url_dir>/<prefix>-NNNNNN.tar`, starting a new shard when the
     current one holds `max_count` samples or would pass `max_bytes`.
