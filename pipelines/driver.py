@@ -163,9 +163,9 @@ def make_plan(job: JobConfig) -> Plan:
 
 # --------------------------------------------------------------------------- making clips
 
-def make_clip(plan: Plan, item: int | str, round_: int, store=None) -> dict:
-    """Clip `round_` of item `item` (an index into the listed source, or a video name with
-    `store`, for archives)."""
+def make_clip(plan: Plan, item, round_: int, store=None) -> dict:
+    """Clip `round_` of `item`: an index into the listed source's videos or images, or,
+    with `store` (a FrameStore holding a streamed video), that `Video`."""
     job = plan.job
     if job.kind == "static":
         return make_static_clip(plan.source, plan.source.items[item], round_, seed=job.seed,
@@ -324,9 +324,9 @@ def make_plan(job: JobConfig) -> Plan:
 
 # --------------------------------------------------------------------------- making clips
 
-def make_clip(plan: Plan, item: int | str, round_: int, store=None) -> dict:
-    """Clip `round_` of item `item` (an index into the listed source, or a video name with
-    `store`, for archives)."""
+def make_clip(plan: Plan, item, round_: int, store=None) -> dict:
+    """Clip `round_` of `item`: an index into the listed source's videos or images, or,
+    with `store` (a FrameStore holding a streamed video), that `Video`."""
     job = plan.job
     if job.kind == "static":
         return make_static_clip(plan.source, plan.source.items[item], round_, seed=job.seed,
