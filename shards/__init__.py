@@ -32,7 +32,6 @@ Reading
 -------
 iter_shard(url, info=None, verify=True) -> iterator of member dicts (decode_sample them)
 iter_samples(url_dir, verify=True) -> iterator of decoded samples of a whole set, in order
-verify_shard_set(url_dir) -> VerifyReport       counts, bytes, sha256, decodability
 
 Streaming to DDP ranks (torch)
 ------------------------------
@@ -51,6 +50,11 @@ ClipLoader:  `for batch in loader` runs the rest of the current epoch, then the 
 ClipStream: the torch IterableDataset behind ClipLoader (yields whole batches).
 The epoch plan (shards.plan) is a pure function of the manifests, weights, seed and epoch.
 
+URL helpers (shards.storage): join(url_dir, name), exists(url), filesystem(url) -> (fs, path),
+read_bytes(url), open_read(url), write_bytes_atomic(url, data).
+
+Tools' library side: shards.verify.verify_shard_set, shards.contact_sheet.write_contact_sheet,
+shards.bench.run_benchmark, shards.sample_clips (synthetic clips for tests/benchmarks).
 FFCV (optional): shards.ffcv_backend.convert_to_beton / BetonLoader.
 Errors: ManifestError, ShardError (whole shard), SampleDecodeError (one sample),
 BadDataError (too many bad samples: the loader stops).

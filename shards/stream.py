@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import plan, storage
+from . import batch_ring, plan, storage
 from .codec import SampleDecodeError, decode_sample
 from .manifest import ShardInfo, read_manifest
 from .reader import ShardError, iter_shard
@@ -95,6 +95,8 @@ class ClipStream(IterableDataset):
         self.sources, self.batch_size, self.rank, self.seed = sources, batch_size, rank, seed
         self.verify, self.max_bad_fraction = verify, max_bad_fraction
         self.epoch, self.legs, self.remaining = 0, [], None
+        self.released: torch.Tensor | None = None  # batch_ring counters, set per pass
+        self.ring_size = 0
 
     @property
     def shard_counts(self) -> list[list[int]]:
@@ -106,8 +108,11 @@ class ClipStream(IterableDataset):
         visit_of, ordinal = plan.epoch_positions(visits, self.shard_counts)
         return visits, visit_of, ordinal
 
-    def configure(self, epoch: int, legs: list[plan.Leg], remaining: np.ndarray | None):
+    def configure(self, epoch: int, legs: list[plan.Leg], remaining: np.ndarray | None,
+                  ring: batch_ring.MainRing | None = None):
         self.epoch, self.legs, self.remaining = epoch, list(legs), remaining
+        self.released = ring.released if ring is not None else None
+        self.ring_size = ring.size if ring is not None else 0
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -123,16 +128,20 @@ class ClipStream(IterableDataset):
         segment = plan.stream_segment(remaining, leg, self.rank, k)
         order = plan.stream_order(self.seed, self.epoch, len(self.legs) - 1, self.rank, k,
                                   len(segment), leg.buffer)
+        ring = None
+        if worker is not None and self.released is not None:
+            ring = batch_ring.WorkerRing(self.released, wid, self.ring_size)
         yield from _StreamRun(self, visits, visit_of[segment], ordinal[segment], order, k,
-                              plan.consumed_batches(leg.batches, nw, k)).batches()
+                              plan.consumed_batches(leg.batches, nw, k), ring, wid).batches()
 
 
 class _StreamRun:
     """One stream's pass: reading in segment order, emitting in shuffled order."""
 
-    def __init__(self, ds: ClipStream, visits, visit_of, ordinal, order, k: int, skip: int):
+    def __init__(self, ds: ClipStream, visits, visit_of, ordinal, order, k: int, skip: int,
+                 ring: batch_ring.WorkerRing | None, worker: int):
         self.ds, self.visits, self.visit_of, self.ordinal = ds, visits, visit_of, ordinal
-        self.order, self.k, self.skip = order, k, skip
+        self.order, self.k, self.skip, self.ring, self.worker = order, k, skip, ring, worker
         self.stats = LoaderStats()
         self.last_good: dict | None = None
 
@@ -196,6 +205,7 @@ class _StreamRun:
         for j in range(self.skip, n_batches):
             frames = masks = None  # numpy views of the batch tensors, made on first decode
             tensors: dict[str, torch.Tensor] = {}
+            buffers = self.ring.slot(j - self.skip) if self.ring is not None else None
             metas, keys, bad_slots = [None] * b, [None] * b, []
             for slot, i in enumerate(self.order[j * b:(j + 1) * b]):
                 while i not in held:
@@ -209,8 +219,8 @@ class _StreamRun:
                 try:
                     if frames is None:
                         sample = decode_sample(members)
-                        frames = self._batch_array(tensors, "frames", sample["frames"].shape)
-                        masks = self._batch_array(tensors, "masks", sample["masks"].shape)
+                        frames = self._batch_array(tensors, buffers, "frames", sample["frames"].shape)
+                        masks = self._batch_array(tensors, buffers, "masks", sample["masks"].shape)
                         frames[slot], masks[slot] = sample["frames"], sample["masks"]
                     else:
                         sample = decode_sample(members, frames[slot], masks[slot])
@@ -220,25 +230,27 @@ class _StreamRun:
                     continue
                 metas[slot], keys[slot] = sample["meta"], sample["__key__"]
                 self.stats.samples_read += 1
-            self._fill_bad_slots(bad_slots, tensors, frames, masks, metas, keys)
+            self._fill_bad_slots(bad_slots, tensors, buffers, frames, masks, metas, keys)
             yield {"frames": tensors["frames"], "masks": tensors["masks"],
                    "meta": metas, "__key__": keys,
-                   "_stream": self.k, "_stream_batch": j, "_stats": asdict(self.stats)}
+                   "_stream": self.k, "_stream_batch": j, "_stats": asdict(self.stats),
+                   "_worker": self.worker}
 
-    def _batch_array(self, tensors: dict, name: str, shape: tuple) -> np.ndarray:
-        """A uint8 batch array to decode into. In a DataLoader worker it lives in shared
-        memory from the start, so handing the batch to the main process copies nothing;
-        in the main process numpy allocates it (numpy asks for transparent huge pages,
-        which makes first-touch page faults far cheaper than torch's allocation)."""
+    def _batch_array(self, tensors: dict, buffers: dict | None, name: str, shape: tuple
+                     ) -> np.ndarray:
+        """A uint8 batch array to decode into. In a DataLoader worker it is a reused
+        shared-memory buffer of the worker's ring (see batch_ring); in the main process
+        numpy allocates it (numpy asks for transparent huge pages, which makes first-touch
+        page faults far cheaper than torch's allocation)."""
         full = (self.ds.batch_size,) + tuple(shape)
-        if get_worker_info() is not None:
-            tensor = torch.empty(full, dtype=torch.uint8).share_memory_()
+        if buffers is not None:
+            tensor = self.ring.tensor(buffers, name, full)
         else:
             tensor = torch.from_numpy(np.empty(full, np.uint8))
         tensors[name] = tensor
         return tensor.numpy()
 
-    def _fill_bad_slots(self, bad_slots, tensors, frames, masks, metas, keys) -> None:
+    def _fill_bad_slots(self, bad_slots, tensors, buffers, frames, masks, metas, keys) -> None:
         """Put a duplicate of a good sample (this batch's first, else the stream's last)
         into every bad slot (allocating the batch tensors if no sample was good)."""
         good = [s for s in range(len(keys)) if s not in bad_slots]
@@ -254,8 +266,8 @@ class _StreamRun:
                                "sample yet to fill a batch with; check the shard set with "
                                "tools/verify_shards URL")
         if frames is None:
-            frames = self._batch_array(tensors, "frames", src["frames"].shape)
-            masks = self._batch_array(tensors, "masks", src["masks"].shape)
+            frames = self._batch_array(tensors, buffers, "frames", src["frames"].shape)
+            masks = self._batch_array(tensors, buffers, "masks", src["masks"].shape)
         for slot in bad_slots:
             frames[slot], masks[slot] = src["frames"], src["masks"]
             metas[slot], keys[slot] = src["meta"], src["key"]
@@ -328,7 +340,11 @@ class ClipLoader:
                 f"{self.dataset.batch_size}); add data or lower the batch size")
         leg = self.legs[-1]
         if leg.batches < planned:
-            self.dataset.configure(self.epoch, self.legs, self._remaining())
+            ring = None
+            if self.num_workers > 0:
+                # more buffers than DataLoader keeps in flight per worker: no waiting
+                ring = batch_ring.MainRing(self.num_workers, size=(self.prefetch_factor or 2) + 2)
+            self.dataset.configure(self.epoch, self.legs, self._remaining(), ring)
             loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is,
                                 num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
@@ -336,9 +352,14 @@ class ClipLoader:
             self._pass_stats = {}
             try:
                 for batch in loader:
+                    worker = batch.pop("_worker")
+                    if ring is not None:
+                        ring.take_out(batch, worker)
                     self._account(batch)
                     yield batch
             finally:
+                if ring is not None:
+                    ring.stop()
                 self.finished_stats = self.stats
                 self._pass_stats = {}
             if self.legs[-1].batches != planned:

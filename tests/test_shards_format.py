@@ -1,4 +1,6 @@
 """Shard format: codec, atomic writing, manifests, reading back (local and memory://)."""
+import io
+import tarfile
 import uuid
 
 import fsspec
@@ -127,3 +129,33 @@ def test_read_manifest_errors_are_clear():
     fsspec.filesystem("memory").pipe(f"/{root[9:]}/manifest.json", b'{"version": 99}')
     with pytest.raises(shards.ManifestError, match="not a valid"):
         shards.read_manifest(root)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_reads_standard_tars_and_is_strict(fmt):
+    from shards.reader import iter_tar
+
+    names = ["a/" + "k" * 120 + ".frames.jpg", "short.meta.json", "d" * 90 + "/x.y"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = names[1:]  # ustar cannot hold the 130-character name
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        directory = tarfile.TarInfo("a-directory")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)  # not a file: skipped
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i + 3
+            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+    data = buf.getvalue()
+    got = list(iter_tar(io.BytesIO(data)))
+    assert [n for n, _ in got] == names
+    assert [len(d) for _, d in got] == [700 * i + 3 for i in range(len(names))]
+    last = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[-1]
+    boundary = last.offset_data + -(-last.size // 512) * 512  # end of the last member
+    with pytest.raises(EOFError, match="end-of-archive"):
+        list(iter_tar(io.BytesIO(data[:boundary])))  # cut exactly at a member boundary
+    bad = bytearray(data)
+    bad[600] ^= 0x55  # inside the second header
+    with pytest.raises(ValueError, match="checksum"):
+        list(iter_tar(io.BytesIO(bytes(bad))))

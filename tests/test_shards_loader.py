@@ -148,3 +148,17 @@ def test_too_little_data_is_a_clear_error():
     root = write_set(3)
     with pytest.raises(ValueError, match="fewer than one batch"):
         list(shards.make_loader(root, batch_size=2, world_size=2, rank=0))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_held_batches_keep_their_own_data(uneven_set, workers):
+    # workers reuse shared-memory buffers (shards.batch_ring): batches kept by the caller
+    # must still hold exactly their samples' pixels at the end of the epoch
+    want = {s["__key__"]: s for s in shards.iter_samples(uneven_set)}
+    batches = list(shards.make_loader(uneven_set, batch_size=2, num_workers=workers,
+                                      shuffle_buffer=4))
+    assert len(batches) == 20
+    for batch in batches:
+        for i, key in enumerate(batch["__key__"]):
+            assert torch.equal(batch["frames"][i], torch.from_numpy(want[key]["frames"]))
+            assert torch.equal(batch["masks"][i], torch.from_numpy(want[key]["masks"]))
