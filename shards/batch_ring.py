@@ -9,6 +9,7 @@ counted it in `released` (a shared int64 per worker).
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 
@@ -77,3 +78,24 @@ class MainRing:
         """The pass is over: no worker may wait for a release any more."""
         self.released.fill_(STOP)
         self._mapped.clear()
+
+
+class LocalPool:
+    """Batch arrays for a loader running in the main process (num_workers=0), reused once
+    nothing references them any more (every tensor or view made from an array keeps a
+    reference to it, so CPython's reference count says when the caller is done). Saves
+    the first-touch page faults of a fresh batch, as the worker ring does."""
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self.arrays: list[np.ndarray] = []
+
+    def array(self, shape: tuple) -> np.ndarray:
+        for i in range(len(self.arrays)):
+            # references: the list, and getrefcount's argument
+            if self.arrays[i].shape == shape and sys.getrefcount(self.arrays[i]) == 2:
+                return self.arrays[i]
+        array = np.empty(shape, np.uint8)
+        if len(self.arrays) < self.capacity:
+            self.arrays.append(array)
+        return array

@@ -18,6 +18,11 @@ from .reader import iter_shard
 from .stream import make_loader
 
 
+# FFCV loaders stay referenced until exit: collecting one earlier makes numba's finalizers
+# print harmless "Exception ignored" tracebacks.
+_KEEP_ALIVE: list = []
+
+
 def _raw_samples(url_dir: str) -> list[dict[str, bytes]]:
     return [m for info in read_manifest(url_dir).shards
             for m in iter_shard(storage.join(url_dir, info.name), info, verify=False)]
@@ -67,8 +72,10 @@ def run_benchmark(url_dir: str, batch_size: int = 32, workers: int = 2,
         from .ffcv_backend import BetonLoader
 
         for n in sorted({1, max(1, workers)}):
-            results[f"beton_{n}_workers"] = max(_epoch_rate(
-                BetonLoader(beton, batch_size, num_workers=n, seed=seed)) for _ in range(repeats))
+            loaders = [BetonLoader(beton, batch_size, num_workers=n, seed=seed)
+                       for _ in range(repeats)]
+            _KEEP_ALIVE.extend(loaders)
+            results[f"beton_{n}_workers"] = max(_epoch_rate(loader) for loader in loaders)
     return results
 
 

@@ -142,6 +142,7 @@ class _StreamRun:
                  ring: batch_ring.WorkerRing | None, worker: int):
         self.ds, self.visits, self.visit_of, self.ordinal = ds, visits, visit_of, ordinal
         self.order, self.k, self.skip, self.ring, self.worker = order, k, skip, ring, worker
+        self.pool = batch_ring.LocalPool() if ring is None else None
         self.stats = LoaderStats()
         self.last_good: dict | None = None
 
@@ -238,15 +239,14 @@ class _StreamRun:
 
     def _batch_array(self, tensors: dict, buffers: dict | None, name: str, shape: tuple
                      ) -> np.ndarray:
-        """A uint8 batch array to decode into. In a DataLoader worker it is a reused
-        shared-memory buffer of the worker's ring (see batch_ring); in the main process
-        numpy allocates it (numpy asks for transparent huge pages, which makes first-touch
-        page faults far cheaper than torch's allocation)."""
+        """A uint8 batch array to decode into: a reused shared-memory buffer of the
+        worker's ring in a DataLoader worker, a pooled array in the main process (see
+        batch_ring; fresh memory costs first-touch page faults on every batch)."""
         full = (self.ds.batch_size,) + tuple(shape)
         if buffers is not None:
             tensor = self.ring.tensor(buffers, name, full)
         else:
-            tensor = torch.from_numpy(np.empty(full, np.uint8))
+            tensor = torch.from_numpy(self.pool.array(full))
         tensors[name] = tensor
         return tensor.numpy()
 
