@@ -6,6 +6,7 @@ import torch
 from stcn.aggregate import aggregate
 from stcn.inference import Annotation, InferenceConfig, InferenceCore, pad_to_multiple, unpad
 from stcn.memory import MemoryBank
+from stcn.memory_ops import get_affinity, readout, softmax_full
 from stcn.network import STCN
 
 H, W = 32, 64          # multiples of 16: 2x4 memory positions per frame
@@ -120,6 +121,74 @@ def test_core_with_large_top_k_equals_full_softmax_rederivation(net, video, mem_
     assert sorted(result) == list(range(images.shape[0]))
     for t, labels in enumerate(expected):
         assert (torch.from_numpy(result[t]).long() == labels).all(), f"frame {t} differs"
+
+
+def _reference_youtube_labels(net, images, annotations, num_objects, mem_every, include_last):
+    """Published YouTubeVOS loop re-derived: one memory per object (from the frame it is
+    annotated at), full softmax, propagation pass by pass between annotated frames."""
+    t_total = images.shape[0]
+    prob = torch.zeros(num_objects + 1, t_total, 1, H, W)
+    prob[0] = 1e-7
+    memory = {}                                   # object -> list of [key, value] (+ temp)
+    temp = {}
+    enabled = []
+
+    def remember(obj, key, value, is_temp):
+        if is_temp and obj in memory:
+            temp[obj] = (key, value)
+        else:
+            temp.pop(obj, None)
+            memory.setdefault(obj, []).append((key, value))
+
+    def values_for(t, f16, masks):                # masks (n, 1, H, W) -> per object (1, 512, 1, h, w)
+        v = net.encode_values(images[t:t + 1], f16, masks.transpose(0, 1))[0]
+        return [v[i:i + 1] for i in range(v.shape[0])]
+
+    frames = sorted(annotations)
+    with torch.no_grad():
+        for n, a in enumerate(frames):
+            mask, objs = annotations[a], sorted(set(annotations[a].unique().tolist()) - {0})
+            one_hot = torch.stack([(mask == i).float() for i in range(num_objects + 1)])[:, None]
+            prob[:, a, :, mask > 0] = 0
+            prob[objs, a] = one_hot[objs]
+            prob[:, a] = aggregate(prob[1:, a], keep_bg=True)
+            enabled += [o for o in objs if o not in enabled]
+            k, _, f16, _, _ = net.encode_key(images[a:a + 1])
+            for obj, v in zip(enabled, values_for(a, f16, prob[enabled, a])):
+                remember(obj, k, v, False)
+            end = frames[n + 1] + 1 if n + 1 < len(frames) else t_total
+            last = a
+            for t in range(a + 1, end):
+                is_mem = t - last >= mem_every
+                k, f16_thin, f16, f8, f4 = net.encode_key(images[t:t + 1])
+                outs = []
+                for obj in enabled:
+                    entries = memory[obj] + ([temp[obj]] if obj in temp else [])
+                    mk = torch.cat([e[0].flatten(2) for e in entries], 2)
+                    mv = torch.cat([e[1].flatten(2) for e in entries], 2)
+                    r = readout(softmax_full(get_affinity(mk, k)), mv).view(1, -1, *k.shape[-2:])
+                    outs.append(torch.sigmoid(net.decode(torch.cat([r, f16_thin], 1), f8, f4)))
+                out = aggregate(torch.cat(outs, 0), keep_bg=True)
+                prob[0, t] = out[0]
+                prob[enabled, t] = out[1:]
+                if t != end - 1 and (include_last or is_mem):
+                    for obj, v in zip(enabled, values_for(t, f16, out[1:])):
+                        remember(obj, k, v, not is_mem)
+                    if is_mem:
+                        last = t
+    return torch.argmax(prob[:, :, 0], dim=0)
+
+
+def test_core_with_late_objects_equals_per_object_memory_rederivation(net, video):
+    images, mask = video
+    late = torch.zeros_like(mask)
+    late[20:30, 40:60] = 2
+    annotations = {0: (mask == 1).long(), 3: late}
+    core = InferenceCore(net, InferenceConfig(top_k=10_000, mem_every=2, include_last=True))
+    result = core.segment(images, [Annotation(f, m) for f, m in annotations.items()], 2)
+    expected = _reference_youtube_labels(net, images, annotations, 2, mem_every=2, include_last=True)
+    for t in range(images.shape[0]):
+        assert (torch.from_numpy(result[t]).long() == expected[t]).all(), f"frame {t} differs"
 
 
 def test_segmentation_is_deterministic_and_keeps_the_first_mask(net, video):
