@@ -15,6 +15,8 @@ Writing
 write_shard(url, samples) -> ShardInfo
     Encode and write ONE complete shard (`url` ends with .tar) atomically; the job driver
     names shards itself (e.g. `<set>/shard-000123.tar`) so work units can be resumed.
+write_encoded_shard(url, encoded) -> ShardInfo
+    The same for samples already encoded with encode_sample (e.g. in worker processes).
 ShardWriter(url_dir, prefix="shard", max_count=1000, max_bytes=256 MiB)
     Context manager; `.write(sample)`; rolls over by count and size to
     `<url_dir>/<prefix>-NNNNNN.tar`; `.close()` returns list[ShardInfo] (also `.infos`).
@@ -63,7 +65,7 @@ from .codec import SampleDecodeError, decode_sample, encode_sample
 from .manifest import (FORMAT_VERSION, Manifest, ManifestError, ShardInfo, merge_manifests,
                        read_manifest, write_manifest)
 from .reader import ShardError, iter_samples, iter_shard
-from .writer import ShardWriter, write_shard
+from .writer import ShardWriter, write_encoded_shard, write_shard
 
 # The streaming loader needs torch; CPU preprocessing jobs (pipelines/) write shards without
 # it, so shards.stream is imported on first use of one of its names.
@@ -81,5 +83,5 @@ __all__ = [
     "BadDataError", "BadDataWarning", "ClipLoader", "ClipStream", "LoaderStats", "ShardSource",
     "make_loader", "FORMAT_VERSION", "Manifest", "ManifestError", "SampleDecodeError", "ShardError",
     "ShardInfo", "ShardWriter", "decode_sample", "encode_sample", "iter_samples", "iter_shard",
-    "merge_manifests", "read_manifest", "write_manifest", "write_shard",
+    "merge_manifests", "read_manifest", "write_encoded_shard", "write_manifest", "write_shard",
 ]

@@ -17,7 +17,6 @@ from .manifest import read_manifest
 from .reader import iter_shard
 from .stream import make_loader
 
-
 # FFCV loaders stay referenced until exit: collecting one earlier makes numba's finalizers
 # print harmless "Exception ignored" tracebacks.
 _KEEP_ALIVE: list = []

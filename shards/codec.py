@@ -70,7 +70,8 @@ def encode_sample(sample: dict, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> dic
             or frames.shape[-1] != 3:
         raise ValueError(f"sample {key}: frames must be a uint8 array (T, H, W, 3), got "
                          f"{getattr(frames, 'dtype', type(frames))} {getattr(frames, 'shape', '')}")
-    if not isinstance(masks, np.ndarray) or masks.dtype != np.uint8 or masks.shape != frames.shape[:3]:
+    if not isinstance(masks, np.ndarray) or masks.dtype != np.uint8 \
+            or masks.shape != frames.shape[:3]:
         raise ValueError(f"sample {key}: masks must be a uint8 array {frames.shape[:3]} (T, H, W) "
                          f"matching the frames, got {getattr(masks, 'dtype', type(masks))} "
                          f"{getattr(masks, 'shape', '')}")
@@ -133,7 +134,7 @@ def decode_sample(members: dict[str, bytes], frames_out: np.ndarray | None = Non
             (masks_out is not None and masks_out.shape != (t, h, w)):
         # a set-up problem (clips of different sizes in one batch), not corrupt data
         raise ValueError(f"sample {key}: clip is {(t, h, w, 3)} but the batch holds "
-                         f"{(frames_out if frames_out is not None else masks_out).shape}; all shard "
+                         f"{(masks_out if frames_out is None else frames_out).shape}; all shard "
                          "sets of one loader need the same clip size")
     try:
         strip = decode_jpeg(members[FRAMES],

@@ -64,10 +64,12 @@ class Manifest:
                                              str(s["sha256"])) for s in raw["shards"]],
                            config=dict(raw.get("config", {})))
         except (ValueError, KeyError, TypeError) as err:
-            raise ManifestError(f"{where}: not a valid shard manifest ({type(err).__name__}: {err})") from None
+            raise ManifestError(f"{where}: not a valid shard manifest "
+                                f"({type(err).__name__}: {err})") from None
         if manifest.version != FORMAT_VERSION:
             raise ManifestError(f"{where}: format version {manifest.version}, this code reads "
-                                f"version {FORMAT_VERSION}; regenerate the shards or update the code")
+                                f"version {FORMAT_VERSION}; regenerate the shards or update "
+                                "the code")
         names = [s.name for s in manifest.shards]
         if len(set(names)) != len(names):
             raise ManifestError(f"{where}: lists a shard twice")

@@ -35,7 +35,8 @@ def make_clip(rng: np.random.Generator, key: str, size: int = 384, n_objects: in
             img[inside] = 0.7 * colours[o] + 0.3 * img[inside]
         frames[t] = np.clip(img, 0, 255).astype(np.uint8)
     meta = {"set": "synthetic", "video": key.rsplit("-", 1)[0], "frames": list(range(n_frames)),
-            "max_skip": 1, "seed": int(rng.integers(1 << 31)), "objects": list(range(1, n_objects + 1)),
+            "max_skip": 1, "seed": int(rng.integers(1 << 31)),
+            "objects": list(range(1, n_objects + 1)),
             "augmentation": {}}
     return {"__key__": key, "frames": frames, "masks": masks, "meta": meta}
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import uuid
 
-from fsspec.implementations.local import LocalFileSystem
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 
 def join(url_dir: str, name: str) -> str:
@@ -47,7 +47,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write `data` to `url` so that readers see either nothing or the complete file."""
     fs, path = filesystem(url)
     parent, _, name = path.rpartition("/")
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}" if parent else f".{name}.tmp-{uuid.uuid4().hex}"
+    hidden = f".{name}.tmp-{uuid.uuid4().hex}"
+    tmp = f"{parent}/{hidden}" if parent else hidden
     if parent:
         fs.makedirs(parent, exist_ok=True)
     local = isinstance(fs, LocalFileSystem)

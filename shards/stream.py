@@ -16,7 +16,7 @@ planned samples the loader stops with `BadDataError`.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -220,8 +220,10 @@ class _StreamRun:
                 try:
                     if frames is None:
                         sample = decode_sample(members)
-                        frames = self._batch_array(tensors, buffers, "frames", sample["frames"].shape)
-                        masks = self._batch_array(tensors, buffers, "masks", sample["masks"].shape)
+                        frames = self._batch_array(tensors, buffers, "frames",
+                                                   sample["frames"].shape)
+                        masks = self._batch_array(tensors, buffers, "masks",
+                                                  sample["masks"].shape)
                         frames[slot], masks[slot] = sample["frames"], sample["masks"]
                     else:
                         sample = decode_sample(members, frames[slot], masks[slot])
@@ -378,33 +380,46 @@ class ClipLoader:
         self.legs[-1] = replace(leg, batches=leg.batches + 1)
 
     def state_dict(self) -> dict:
+        """Where this rank is: epoch, legs (shards.plan), and what the plan was made from.
+        Identical on every rank except `stats` (this rank's counts)."""
         return {"version": STATE_VERSION, "seed": self.dataset.seed, "epoch": self.epoch,
                 "legs": [asdict(leg) for leg in self.legs],
-                "sources": [[s.url, s.weight, [x.count for x in s.shards]]
-                            for s in self.dataset.sources],
+                "sources": [{"url": s.url, "weight": s.weight,
+                             "counts": [x.count for x in s.shards]} for s in self.dataset.sources],
                 "stats": asdict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (saved by any rank, at any world size / worker count)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')}, expected {STATE_VERSION}")
+            raise ValueError(f"loader state version {state.get('version')}, "
+                             f"expected {STATE_VERSION}")
         mine = self.state_dict()
-        for what in ("seed", "sources"):
-            theirs = state[what] if what == "seed" else [[u, w, list(c)] for u, w, c in state[what]]
-            if theirs != mine[what]:
-                raise ValueError(f"loader state was saved with a different {what} ({theirs!r}, "
-                                 f"now {mine[what]!r}); resuming would not continue the same "
-                                 "epoch plan")
+        # The plan depends on the seed, the weights and the shard counts, not on where the
+        # sets live: moving them (another bucket, a local copy) keeps the resume exact.
+        def plan_inputs(st):
+            return st["seed"], [(s["weight"], list(s["counts"])) for s in st["sources"]]
+
+        def describe(st):
+            sets = ", ".join(f"{s['url']} x{s['weight']:g} ({sum(s['counts'])} clips)"
+                             for s in st["sources"])
+            return f"seed {st['seed']}, {sets}"
+
+        if plan_inputs(state) != plan_inputs(mine):
+            raise ValueError(
+                "loader state was saved for a different seed, weights or shard sets "
+                f"(saved: {describe(state)}; now: {describe(mine)}); resuming would not "
+                "continue the same epoch plan")
         self.epoch = int(state["epoch"])
         self.legs = [plan.Leg(**leg) for leg in state["legs"]]
         self.finished_stats = LoaderStats(**state["stats"])
         self._pass_stats = {}
         fresh = self._fresh_leg()
         if not self.legs[-1].same_layout(fresh):
-            # elastic resume: re-plan the positions nobody delivered yet
-            self.legs = self.legs[:-1] if self.legs[-1].batches == 0 else self.legs
+            # elastic resume: a new leg re-plans the positions nobody delivered yet (a leg
+            # that delivered nothing is simply replaced)
+            if self.legs[-1].batches == 0:
+                self.legs.pop()
             self.legs.append(fresh)
-            if len(self.legs) == 1:
-                self.legs = [fresh]
 
 
 def _as_is(batch: dict) -> dict:
@@ -440,6 +455,8 @@ def make_loader(sources: str | ShardSource | Sequence, batch_size: int,
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
     rank, world_size = _default_rank_world(rank, world_size)
     resolved = []
     for s in _as_sources(sources):

@@ -31,6 +31,10 @@ def _member_bytes(name: str, data: bytes) -> bytes:
 def sample_tar_bytes(members: dict[str, bytes]) -> bytes:
     """The tar members of one encoded sample (see codec), in schema order."""
     key = members["__key__"]
+    missing = [m for m in codec.MEMBERS if m not in members]
+    if missing:
+        raise ValueError(f"encoded sample {key!r} lacks {', '.join(missing)}; encode samples "
+                         "with shards.encode_sample")
     return b"".join(_member_bytes(f"{key}.{m}", members[m]) for m in codec.MEMBERS)
 
 
@@ -61,10 +65,7 @@ def write_shard(url: str, samples: Iterable[dict], jpeg_quality: int = codec.DEF
                 ) -> ShardInfo:
     """Encode `samples` and write them as ONE complete tar shard at `url` (atomic: readers
     never see a partial shard). Returns the ShardInfo to put into the manifest."""
-    if not url.endswith(".tar"):
-        raise ValueError(f"shard URL {url!r} must end with .tar")
-    data, count = tar_bytes(codec.encode_sample(s, jpeg_quality) for s in samples)
-    return _write_tar(url, data, count)
+    return write_encoded_shard(url, (codec.encode_sample(s, jpeg_quality) for s in samples))
 
 
 def write_encoded_shard(url: str, encoded: Iterable[dict[str, bytes]]) -> ShardInfo:

@@ -3,6 +3,7 @@ and elastic resumption (ranks simulated in one process), DataLoader workers."""
 import uuid
 from collections import Counter
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -125,11 +126,20 @@ def test_elastic_resume_neither_repeats_nor_skips(uneven_set, before, after):
     assert len(keys_of(list(new[0]))) == (41 // (w1 * batch)) * batch
 
 
-def test_resume_rejects_a_different_plan(uneven_set):
-    loader = shards.make_loader(uneven_set, batch_size=2, seed=1)
+def test_resume_rejects_a_different_plan_but_not_a_moved_set(uneven_set, tmp_path):
+    loader = shards.make_loader(uneven_set, batch_size=2, seed=1, shuffle_buffer=4)
+    take(loader, 3)
     state = loader.state_dict()
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match="different seed"):
         shards.make_loader(uneven_set, batch_size=2, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="different seed, weights"):
+        shards.make_loader([(uneven_set, 2)], batch_size=2, seed=1).load_state_dict(state)
+    # the same set copied elsewhere resumes exactly
+    fs = fsspec.filesystem("memory")
+    fs.get(f"/{uneven_set[len('memory://'):]}", str(tmp_path / "copy"), recursive=True)
+    moved = shards.make_loader(str(tmp_path / "copy"), batch_size=2, seed=1, shuffle_buffer=4)
+    moved.load_state_dict(state)
+    assert keys_of(list(moved)) == keys_of(list(loader))
 
 
 def test_weighted_mixing_repeats_sources_by_weight():
