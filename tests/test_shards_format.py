@@ -159,3 +159,13 @@ def test_tar_reader_reads_standard_tars_and_is_strict(fmt):
     bad[600] ^= 0x55  # inside the second header
     with pytest.raises(ValueError, match="checksum"):
         list(iter_tar(io.BytesIO(bytes(bad))))
+
+
+def test_writing_side_does_not_load_torch():
+    # preprocessing jobs write shards on CPU machines without importing torch
+    import subprocess
+    import sys
+
+    code = ("import sys, shards; shards.write_shard; shards.read_manifest; shards.iter_samples; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
