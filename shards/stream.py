@@ -144,7 +144,8 @@ class _StreamRun:
         self.order, self.k, self.skip, self.ring, self.worker = order, k, skip, ring, worker
         self.pool = batch_ring.LocalPool() if ring is None else None
         self.stats = LoaderStats()
-        self.last_good: dict | None = None
+        self.last_good: dict[str, bytes] | None = None  # raw members: substitutes cost nothing
+                                                        # until a bad sample needs one
 
     def _shard_url(self, visit: int) -> tuple[str, ShardInfo]:
         src, shard = self.visits[visit]
@@ -232,7 +233,10 @@ class _StreamRun:
                     bad_slots.append(slot)
                     continue
                 metas[slot], keys[slot] = sample["meta"], sample["__key__"]
+                self.last_good = members
                 self.stats.samples_read += 1
+            if bad_slots and self.last_good is None:
+                self._look_ahead_for_a_good_sample(reader, held)
             self._fill_bad_slots(bad_slots, tensors, buffers, frames, masks, metas, keys)
             yield {"frames": tensors["frames"], "masks": tensors["masks"],
                    "meta": metas, "__key__": keys,
@@ -252,27 +256,35 @@ class _StreamRun:
         tensors[name] = tensor
         return tensor.numpy()
 
+    def _look_ahead_for_a_good_sample(self, reader, held) -> None:
+        """No good sample yet to duplicate (e.g. the stream starts with a broken shard):
+        read on until one decodes. What is read stays held and is emitted in its turn."""
+        for got, members, where in reader:
+            held[got] = (members, where)
+            if members is not None:
+                try:
+                    decode_sample(members)
+                except SampleDecodeError:
+                    continue
+                self.last_good = members
+                return
+
     def _fill_bad_slots(self, bad_slots, tensors, buffers, frames, masks, metas, keys) -> None:
-        """Put a duplicate of a good sample (this batch's first, else the stream's last)
-        into every bad slot (allocating the batch tensors if no sample was good)."""
-        good = [s for s in range(len(keys)) if s not in bad_slots]
-        if good:
-            g = good[0]
-            self.last_good = {"frames": frames[g].copy(), "masks": masks[g].copy(),
-                              "meta": metas[g], "key": keys[g]}
+        """Decode a duplicate of the stream's latest good sample into every bad slot
+        (allocating the batch arrays if no sample of this batch was good)."""
         if not bad_slots:
             return
-        src = self.last_good
-        if src is None:
-            raise BadDataError(f"loader stream {self.k} of rank {self.ds.rank}: no readable "
-                               "sample yet to fill a batch with; check the shard set with "
+        if self.last_good is None:
+            raise BadDataError(f"loader stream {self.k} of rank {self.ds.rank}: not one of its "
+                               "samples is readable; check the shard set with "
                                "tools/verify_shards URL")
-        if frames is None:
-            frames = self._batch_array(tensors, buffers, "frames", src["frames"].shape)
-            masks = self._batch_array(tensors, buffers, "masks", src["masks"].shape)
         for slot in bad_slots:
-            frames[slot], masks[slot] = src["frames"], src["masks"]
-            metas[slot], keys[slot] = src["meta"], src["key"]
+            if frames is None:
+                sample = decode_sample(self.last_good)
+                frames = self._batch_array(tensors, buffers, "frames", sample["frames"].shape)
+                masks = self._batch_array(tensors, buffers, "masks", sample["masks"].shape)
+            sample = decode_sample(self.last_good, frames[slot], masks[slot])
+            metas[slot], keys[slot] = sample["meta"], sample["__key__"]
             self.stats.substituted += 1
 
 

@@ -143,3 +143,16 @@ class _no_check:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_stream_starting_with_broken_shards_still_fills_its_batches(seed):
+    def break_three(shard, samples):
+        if shard != 2:
+            return b"\0" * 100  # not even a tar
+    root = make_set(break_three)
+    with pytest.warns(shards.BadDataWarning):
+        loader, batches = run(root, max_bad_fraction=0.9, seed=seed)
+    assert loader.stats.bad_shards == 3 and loader.stats.bad_samples == 3 * PER_SHARD
+    keys = {k for b in batches for k in b["__key__"]}
+    assert keys <= {f"v-{i:03d}" for i in range(12, 18)}  # only shard 2's samples
