@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
+import re
 import signal
 import threading
 import warnings
@@ -288,8 +290,6 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def _seed_everything(self, seed: int) -> None:
-        import random
-
         rank_seed = seed + 1_000_003 * self.context.rank
         random.seed(rank_seed)
         np.random.seed(rank_seed % 2**32)
@@ -329,6 +329,10 @@ class Trainer:
             raise ValueError(
                 f"checkpoint in {self.run_dir} is for stage {state['stage']['stage']}, not {self.stage.stage}: "
                 "use a fresh --run-dir per stage and --load-network to start from earlier weights")
+        changed = sorted(k for k, v in self.stage.to_dict().items() if state["stage"].get(k) != v)
+        if changed:
+            warnings.warn(f"resuming with stage settings that differ from the checkpoint's ({', '.join(changed)}); "
+                          "the lr schedule's milestones stay those of the checkpoint")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -481,7 +485,11 @@ class Trainer:
                     self.scaler.update()
                     self.losses.append(float(figures[0]))
                     window.append(figures)
-                self.scheduler.step()
+                with warnings.catch_warnings():
+                    # The schedule follows iterations, skipped ones included (torch warns when
+                    # the very first optimizer step was skipped).
+                    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                    self.scheduler.step()
                 self.iteration += 1
                 timer.step_done(frames.shape[0])
 
