@@ -9,7 +9,7 @@ It takes several CPU minutes, so it runs only when asked (it is the learning ben
 
     STCN_LEARNING_CHECK=1 python3 -m pytest -q -s tests/test_train_learning.py
 
-STCN_LEARNING_ITERATIONS (default 150) sets the run length.
+STCN_LEARNING_ITERATIONS (default 80) sets the run length.
 """
 
 import os
@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("STCN_LEARNING_CHECK"),
-    reason="learning benchmark (several CPU minutes): set STCN_LEARNING_CHECK=1 to run it")
+pytestmark = [
+    pytest.mark.skipif(not os.environ.get("STCN_LEARNING_CHECK"),
+                       reason="learning benchmark (several CPU minutes): set STCN_LEARNING_CHECK=1 to run it"),
+    pytest.mark.timeout(3600),
+]
 
 SIZE = 64
 
@@ -34,18 +36,20 @@ def test_short_run_learns_and_beats_the_untrained_network(tmp_path):
     from stcn.trainer import TrainOptions, train
     from stcn.weights import load_stcn_weights
 
-    iterations = int(os.environ.get("STCN_LEARNING_ITERATIONS", "150"))
+    iterations = int(os.environ.get("STCN_LEARNING_ITERATIONS", "80"))
     davis = make_synthetic("davis", tmp_path / "davis", videos=6, frames=12, objects=2,
                            size=(SIZE, SIZE), seed=0)
     shard_set = str(tmp_path / "shards" / "davis" / "skip5")
     run_job(JobConfig(kind="davis", source=str(davis), out=shard_set, clips=120, max_skip=5,
                       clips_per_shard=40, seed=0), workers=1, progress=False)
 
-    # Plain CE throughout (bootstrapping would raise the per-pixel loss on purpose), and a
-    # higher learning rate than published: this run starts from random weights, not ImageNet.
+    # This run starts from random weights, not ImageNet: a higher learning rate than published,
+    # and bootstrapped CE on the hardest 30% of pixels from the first iteration. A constant
+    # fraction keeps the loss comparable over the run, and hard-pixel mining keeps a network
+    # trained from scratch from settling on all-background (plain CE does here).
     stage = load_stage(3, {"iterations": iterations, "batch_size": 4, "lr": 1e-4,
                            "lr_steps": [int(iterations * 0.8)],
-                           "bootstrap_start": iterations, "bootstrap_end": iterations,
+                           "bootstrap_start": 0, "bootstrap_end": 0, "bootstrap_final_fraction": 0.3,
                            "phases": [{"start": 0.0, "max_skip": 5, "sets": {shard_set: 1.0}}]})
     options = TrainOptions(run_dir=str(tmp_path / "run"), device="cpu", workers=1, crop=SIZE,
                            crop_mode="resize", seed=0, log_every=10, image_every=0,
@@ -57,7 +61,7 @@ def test_short_run_learns_and_beats_the_untrained_network(tmp_path):
     result = train(stage, options)
     assert result.status == "completed"
     losses = np.array(result.losses)
-    window = max(5, iterations // 10)
+    window = max(5, iterations // 8)
     first, last = losses[:window].mean(), losses[-window:].mean()
 
     trained = load_stcn_weights(STCN(single_object=False), result.weights_path).eval()
