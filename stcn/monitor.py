@@ -45,9 +45,7 @@ class StepTimer:
         self._mark = time.perf_counter()
 
     def data_ready(self) -> None:
-        now = time.perf_counter()
-        self.data_seconds += now - self._mark
-        self._data_mark = now
+        self.data_seconds += time.perf_counter() - self._mark
 
     def step_done(self, clips: int) -> None:
         if self.device.type == "cuda":

@@ -46,7 +46,7 @@ def shard_root(tmp_path_factory):
     online = {"hflip": {"p": 0.5, "per": "clip"}, "color_jitter_clip": {"brightness": 0.1}}
     write_set(str(root / "static"), "img", 12, 0)
     for source, seed in (("davis", 1), ("youtube", 2)):
-        for skip in (5, 10):
+        for skip in (5, 10, 25):  # 25: where a 1-iteration published stage 3 starts (see the chain test)
             write_set(str(root / source / f"skip{skip}"), f"{source}{skip}-", 10, seed + skip, online)
     return root
 
@@ -104,7 +104,8 @@ def test_split_run_with_resume_matches_one_run_bitwise(tmp_path, shard_root, wor
 def test_tensorboard_scalars_and_images(tmp_path, shard_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(two_phase_stage(3, iterations=1), options(tmp_path / "tb", shard_root, image_every=1))
+    train(two_phase_stage(3, iterations=1),
+          options(tmp_path / "tb", shard_root, image_every=1, channels_last=True))
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -222,3 +223,21 @@ def test_two_process_gloo_run_and_elastic_resume_in_one_process(tmp_path, shard_
     assert "resuming a 2-process checkpoint with 1 processes" in one.stderr
     assert "completed at iteration 3" in one.stderr
     load_stcn_weights(STCN(single_object=False), run_dir / "stcn_stage3.pth")
+
+
+def test_local_chain_runs_stage0_then_stage3_from_its_weights(tmp_path, shard_root):
+    runs = tmp_path / "runs"
+    command = ["bash", str(REPO / "jobs" / "local" / "chain.sh"), "s03", str(shard_root), str(runs),
+               "--iterations", "1", "--batch-size", "1", "--crop", str(SIZE), "--workers", "0",
+               "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPUS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (runs / "s0" / "stcn_stage0.pth").is_file() and (runs / "s03" / "stcn_stage3.pth").is_file()
+    assert not (runs / "s01").exists()
+    # Stage 3 started from stage 0's weights (widened): one Adam step away from them.
+    s0, s3 = weights(runs / "s0" / "stcn_stage0.pth"), weights(runs / "s03" / "stcn_stage3.pth")
+    name = "value_encoder.conv1.weight"
+    assert (s0[name] - s3[name][:, :4]).abs().max() < 1e-3
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stderr.count("already done") == 2
