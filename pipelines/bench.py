@@ -9,7 +9,6 @@ numpy standing in for torch). It exists to measure the speed-up, nothing imports
 """
 from __future__ import annotations
 
-import colorsys
 import math
 import tempfile
 import time

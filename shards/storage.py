@@ -43,6 +43,15 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def _fsync_directory(path: str) -> None:
+    """Make a rename in `path` durable (POSIX: the directory entry is data too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write `data` to `url` so that readers see either nothing or the complete file."""
     fs, path = filesystem(url)
@@ -59,6 +68,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_directory(parent or ".")
         else:
             with fs.open(tmp, "wb") as f:
                 f.write(data)

@@ -9,8 +9,6 @@ leaves the previous checkpoints intact. Files are `checkpoint_<iteration>.pt`; t
 
 from __future__ import annotations
 
-import io
-import os
 import random
 import re
 import warnings
@@ -20,34 +18,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from stcn.weights import atomic_torch_save
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def capture_rng_states() -> dict[str, Any]:
@@ -154,6 +127,6 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 __all__ = [
-    "CheckpointManager", "atomic_write_bytes", "atomic_torch_save", "capture_rng_states",
+    "CheckpointManager", "capture_rng_states",
     "restore_rng_states", "unwrap_model", "load_checkpoint",
 ]

@@ -13,8 +13,8 @@
   (same names, shapes and order), so saving writes it as-is, atomically.
 """
 
+import io
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Union
@@ -22,6 +22,7 @@ from typing import Dict, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from shards.storage import write_bytes_atomic
 from stcn.network import STCN
 
 StateDict = Dict[str, torch.Tensor]
@@ -185,21 +186,18 @@ def init_from_imagenet(net: STCN, resnet50_path: Optional[Source] = None,
     return net
 
 
+def atomic_torch_save(obj, path: Union[str, os.PathLike]) -> Path:
+    """``torch.save`` to ``path`` so that readers see the old file or the complete new one."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(str(path), buffer.getvalue())
+    return Path(path)
+
+
 def save_stcn_weights(net: STCN, path: Union[str, os.PathLike]) -> Path:
     """Write ``net``'s weights in the official format (a plain CPU state dict).
 
     The file appears only once complete (temporary file + rename).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_torch_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
 

@@ -1,5 +1,4 @@
 """Triplet sampling, the object-size rule and the geometry, through their public functions."""
-import cv2
 import numpy as np
 import pytest
 

@@ -187,7 +187,7 @@ def test_cli_checkpoints_and_exits_75_on_sigterm_then_resumes(tmp_path, shard_ro
     resumed = subprocess.run(command + ["--stop-after", str(stopped_at + 1)], env=env,
                              capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from" in resumed.stderr + resumed.stdout
+    assert "resumed from" in resumed.stderr + resumed.stdout
     assert f"stopped at iteration {stopped_at + 1}" in resumed.stderr
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from stcn.checkpoint import CheckpointManager, atomic_write_bytes, capture_rng_states, restore_rng_states
+from shards.storage import write_bytes_atomic
+from stcn.checkpoint import CheckpointManager, capture_rng_states, restore_rng_states
 from stcn.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
 from stcn.online_augment import OnlineAugmentation, prepare_batch
 from stcn.stages import STAGES, load_stage
@@ -199,14 +200,14 @@ def test_resume_auto_skips_corrupt_checkpoints(tmp_path):
 
 def test_atomic_write_never_exposes_partial_files(tmp_path, monkeypatch):
     target = tmp_path / "f.bin"
-    atomic_write_bytes(target, b"old")
+    write_bytes_atomic(str(target), b"old")
 
     def failing_replace(src, dst):
         raise OSError("disk died")
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
-        atomic_write_bytes(target, b"new-but-lost")
+        write_bytes_atomic(str(target), b"new-but-lost")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
 

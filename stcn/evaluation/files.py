@@ -9,8 +9,6 @@ source has none.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from shards.storage import write_bytes_atomic
 from stcn.online_augment import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -113,14 +112,5 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file next to ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON so that readers see the old file or the complete new one."""
+    write_bytes_atomic(str(path), (json.dumps(payload, indent=2) + "\n").encode())
