@@ -89,7 +89,7 @@ for skip in 5 10 15 20 25; do
 done
 
 TRAIN=(--shards "$SHARDS" --crop "$CROP" --crop-mode resize
-       --workers "$WORKERS" --batch-size "$BATCH" --log-every "$LOG_EVERY" --image-every "$IMAGE_EVERY"
+       --workers "$TRAIN_WORKERS" --batch-size "$BATCH" --log-every "$LOG_EVERY" --image-every "$IMAGE_EVERY"
        --checkpoint-every "$CHECKPOINT_EVERY" --keep-last 1 --snapshot-every 0 --resume auto)
 # tools/train picks CUDA when available by itself; name the device only when it is forced.
 if [ "$DEVICE" != auto ]; then TRAIN+=(--device "$DEVICE"); fi
