@@ -45,12 +45,13 @@ def _env_int(name: str, default: int) -> int:
 def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistributedContext:
     """Read torchrun's environment, pick the device and join the process group if launched by it.
 
-    device: "cuda", "cpu" or None (CUDA when available). With CUDA the GPU is LOCAL_RANK.
+    device: "cuda", "cuda:N", "cpu", or "auto"/None (CUDA when available). With "cuda" the GPU
+    is LOCAL_RANK.
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    if device is None:
+    if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():

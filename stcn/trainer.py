@@ -53,7 +53,7 @@ class TrainOptions:
     imagenet_resnet50: str | None = None  # torchvision-layout files, when not loading STCN
     imagenet_resnet18: str | None = None
     resume: str | None = "auto"  # "auto", a checkpoint path, or None for a fresh run
-    device: str | None = None  # "cuda", "cpu" or None (CUDA when available)
+    device: str | None = None  # "cuda", "cuda:N", "cpu", or "auto"/None (CUDA when available)
     amp: bool = True  # bf16 where supported, fp16 + GradScaler otherwise; never on CPU
     compile: bool = False
     channels_last: bool = False

@@ -217,3 +217,14 @@ def test_rng_states_round_trip():
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     restore_rng_states(states)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_auto_device_is_cuda_when_available_else_cpu(monkeypatch):
+    from stcn.distributed import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert init_distributed("auto").device.type == expected
+    assert init_distributed(None).device.type == expected
+    assert init_distributed("cpu").device.type == "cpu"

@@ -88,11 +88,9 @@ for skip in 5 10 15 20 25; do
   shards youtube "$SHARDS/youtube/skip$skip" --clips "$VIDEO_CLIPS" --max-skip "$skip"
 done
 
-TRAIN=(--shards "$SHARDS" --crop "$CROP" --crop-mode resize
+TRAIN=(--shards "$SHARDS" --device "$DEVICE" --crop "$CROP" --crop-mode resize
        --workers "$TRAIN_WORKERS" --batch-size "$BATCH" --log-every "$LOG_EVERY" --image-every "$IMAGE_EVERY"
        --checkpoint-every "$CHECKPOINT_EVERY" --keep-last 1 --snapshot-every 0 --resume auto)
-# tools/train picks CUDA when available by itself; name the device only when it is forced.
-if [ "$DEVICE" != auto ]; then TRAIN+=(--device "$DEVICE"); fi
 step
 if [ ! -f "$RUNS/s0/stcn_stage0.pth" ]; then
   tools/train --stage 0 --run-dir "$RUNS/s0" --config jobs/local/demo/stage0.yaml \
