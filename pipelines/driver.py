@@ -24,6 +24,7 @@ Manifest
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import multiprocessing
@@ -67,6 +68,8 @@ class JobConfig:
     clips_per_shard: int = 500
     seed: int = 0
     static_sets: tuple[str, ...] | None = None  # static: a subset of STATIC_SETS
+    #: DAVIS/YouTubeVOS videos: "published" (the shipped train list), "all" or a list file
+    subset: str = "published"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -75,6 +78,8 @@ class JobConfig:
             raise JobError("--clips-per-shard must be >= 1")
         if self.kind != "static" and self.max_skip < 1:
             raise JobError("--max-skip must be >= 1 (curriculum units: 5, 10, 15, 20, 25)")
+        if self.kind not in ("davis", "youtube") and self.subset != "published":
+            raise JobError(f"--subset applies to davis and youtube, not {self.kind}")
 
 
 @dataclass
@@ -118,9 +123,9 @@ def open_source(job: JobConfig):
     if job.kind == "static":
         return open_static(job.source, job.static_sets)
     if job.kind == "davis":
-        return open_davis(job.source)
+        return open_davis(job.source, job.subset)
     if job.kind == "youtube":
-        return open_youtube(job.source)
+        return open_youtube(job.source, job.subset)
     root = Path(job.source)
     if "://" in job.source or job.source.endswith(".tar") or not (
             (root / "JPEGImages").is_dir() or (root / "BL30K" / "JPEGImages").is_dir()):
@@ -150,6 +155,10 @@ def make_plan(job: JobConfig) -> Plan:
         online = ONLINE_VIDEO
         items = ({"archives": [archive_name(a) for a in source]} if plan.from_archives
                  else {"videos": len(source.videos)})
+        if job.kind in ("davis", "youtube"):  # which videos, not where the list file was
+            items["subset"] = job.subset if job.subset in ("published", "all") else "file"
+            items["video_names_sha256"] = hashlib.sha256(
+                "\n".join(v.name for v in source.videos).encode()).hexdigest()
     plan.config = {"pipeline_version": PIPELINE_VERSION, "source": job.kind, "seed": job.seed,
                    "clips": job.clips, "clips_per_shard": job.clips_per_shard,
                    "clips_per_video": job.clips_per_video if plan.from_archives else None,

@@ -16,6 +16,8 @@ from pipelines.plan import plan_stage
 from pipelines.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+#: the synthetic sets do not hold the videos of the published train lists
+ALL = {"davis": {"subset": "all"}, "youtube": {"subset": "all"}}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def _bytes(out):
 def test_clips_shapes_ids_and_skips(data, tmp_path, kind, max_skip):
     out = tmp_path / kind
     run_job(JobConfig(kind, str(data[kind]), str(out), clips=9, clips_per_shard=4,
-                      max_skip=max_skip or 5), progress=False)
+                      max_skip=max_skip or 5, **ALL.get(kind, {})), progress=False)
     manifest = shards.read_manifest(str(out))
     assert [s.count for s in manifest.shards] == [4, 4, 1]
     assert manifest.config["online"]["hflip"]["p"] == 0.5  # the trainer's online part
@@ -68,7 +70,8 @@ def test_clips_shapes_ids_and_skips(data, tmp_path, kind, max_skip):
 
 
 def test_same_seed_same_bytes_whatever_workers_or_tasks(data, tmp_path):
-    job = dict(kind="davis", source=str(data["davis"]), clips=10, clips_per_shard=3, max_skip=15)
+    job = dict(kind="davis", source=str(data["davis"]), clips=10, clips_per_shard=3, max_skip=15,
+               subset="all")
     run_job(JobConfig(out=str(tmp_path / "one"), **job), workers=1, progress=False)
     for index in (1, 0, 2):
         run_job(JobConfig(out=str(tmp_path / "split"), **job), workers=2,
@@ -80,7 +83,7 @@ def test_same_seed_same_bytes_whatever_workers_or_tasks(data, tmp_path):
 
 def test_task_split_covers_every_clip_once(data, tmp_path):
     job = JobConfig("youtube", str(data["youtube"]), str(tmp_path / "yt"), clips=11,
-                    clips_per_shard=2, max_skip=25)
+                    clips_per_shard=2, max_skip=25, subset="all")
     keys = []
     for index in range(4):
         infos = run_job(job, task=Task(index, 4), progress=False)
@@ -106,7 +109,7 @@ def test_merge_names_missing_units(data, tmp_path):
 
 def test_other_config_into_same_set_is_refused(data, tmp_path):
     job = dict(kind="davis", source=str(data["davis"]), out=str(tmp_path / "d"), clips=2,
-               clips_per_shard=2)
+               clips_per_shard=2, subset="all")
     run_job(JobConfig(max_skip=5, **job), progress=False)
     with pytest.raises(JobError, match="another config"):
         run_job(JobConfig(max_skip=10, **job), progress=False)
@@ -135,13 +138,23 @@ def _make_shards(args, **popen):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
 
 
+def test_cli_defaults_to_the_published_list(data, tmp_path):
+    """Synthetic DAVIS lacks the published videos: a one-line error naming one and the fix."""
+    run = _make_shards(["davis", str(data["davis"]), "--out", str(tmp_path / "d"), "--max-skip",
+                        "5", "--clips", "2", "--workers", "1", "--no-progress"])
+    assert run.wait(60) == 1
+    err = run.stderr.read().decode()
+    assert "'bear' of the published davis train list is missing" in err and "--subset all" in err
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("source", ["tree", "tars"])
 def test_kill_and_resume_gives_the_uninterrupted_set(data, tmp_path, source):
     """kill -9 mid-run, rerun: same bytes as an uninterrupted run, nothing partial left."""
     src = str(data["bl30k"] / "tars") if source == "tars" else str(data["davis"])
     kind = "bl30k" if source == "tars" else "davis"
     common = [kind, src, "--max-skip", "5", "--clips-per-shard", "2", "--no-progress"]
-    common += ["--clips-per-video", "8"] if source == "tars" else ["--clips", "24"]
+    common += ["--clips-per-video", "8"] if source == "tars" else ["--clips", "24", "--subset", "all"]
     out = tmp_path / "killed"
     run = _make_shards([*common, "--out", str(out), "--workers", "2"], start_new_session=True)
     deadline = time.time() + 60

@@ -22,13 +22,13 @@ def data(tmp_path_factory):
 
 
 def test_video_layouts_found(data):
-    davis = open_davis(data["davis"])
+    davis = open_davis(data["davis"], "all")
     names = (data["davis"] / "2017/trainval/ImageSets/2017/train.txt").read_text().split()
     assert [v.name for v in davis.videos] == names
     assert all(len(v.frames) == 15 for v in davis.videos)
     # also accepted: the trainval directory itself
-    assert open_davis(data["davis"] / "2017" / "trainval").videos == davis.videos
-    youtube = open_youtube(data["youtube"])
+    assert open_davis(data["davis"] / "2017" / "trainval", "all").videos == davis.videos
+    youtube = open_youtube(data["youtube"], "all")
     assert youtube.frame_step == 5 and len(youtube.videos) == 3
     assert all(int(v.frames[1]) - int(v.frames[0]) == 5 for v in youtube.videos)
     bl30k = open_bl30k_tree(data["bl30k"])
@@ -78,13 +78,13 @@ def test_bad_layouts(data, tmp_path):
     davis = tmp_path / "davis"
     shutil.copytree(data["davis"], davis)
     (davis / "2017/trainval/ImageSets/2017/train.txt").unlink()
-    _expect_layout_error(lambda: open_davis(davis), "train.txt")
+    _expect_layout_error(lambda: open_davis(davis, "all"), "train.txt")
 
     youtube = tmp_path / "youtube"
     shutil.copytree(data["youtube"], youtube)
     video = sorted((youtube / "train_480p/Annotations").iterdir())[0]
     sorted(video.iterdir())[1].unlink()
-    _expect_layout_error(lambda: open_youtube(youtube), video.name)
+    _expect_layout_error(lambda: open_youtube(youtube, "all"), video.name)
 
     static = tmp_path / "static"
     shutil.copytree(data["static"], static)
@@ -115,3 +115,48 @@ def test_decode_ids_refuses_colour_annotations():
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format="PNG")
     with pytest.raises(ValueError, match="indexed"):
         decode_ids(buf.getvalue(), "frame.png")
+
+
+def test_published_lists_are_the_default_and_a_missing_video_is_named(data, tmp_path):
+    from pipelines.sources.video_tree import subset_names
+    assert len(subset_names("davis", "published")[1]) == 60
+    youtube_list = subset_names("youtube", "published")[1]
+    assert len(youtube_list) == len(set(youtube_list)) == 3464
+    # the synthetic sets do not hold the published videos: the default names the first one
+    for opener, kind, first in ((open_davis, "davis", "bear"), (open_youtube, "youtube", "003234408d")):
+        with pytest.raises(ValueError, match=f"'{first}'.*--subset all") as err:
+            opener(data[kind])
+        assert "published" in str(err.value)
+    # a list file picks (and orders) videos; one it names that the source lacks is an error
+    names = sorted(p.name for p in (data["youtube"] / "train_480p/JPEGImages").iterdir())
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{names[2]}\n\n{names[0]}\n")
+    assert [v.name for v in open_youtube(data["youtube"], str(listed)).videos] == [names[2], names[0]]
+    davis_names = sorted(p.name for p in (data["davis"] / "2017/trainval/JPEGImages/480p").iterdir())
+    listed.write_text(f"{davis_names[1]}\nnot-a-video\n")
+    with pytest.raises(ValueError, match="'not-a-video'.*1 of 2 missing"):
+        open_davis(data["davis"], str(listed))
+    with pytest.raises(ValueError, match="no such list file"):
+        open_davis(data["davis"], str(tmp_path / "nope.txt"))
+
+
+def test_wheel_carries_the_published_lists(tmp_path):
+    """`pip install .` must ship the lists (package data), not only the source checkout."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy: building writes build/ next to setup.cfg
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    for package in ("shards", "pipelines", "stcn"):
+        shutil.copytree(repo / package, src / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    wheel, = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in ("davis_train_subset.txt", "youtube_vos_train_subset.txt"):
+        assert f"pipelines/lists/{name}" in names

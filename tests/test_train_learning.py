@@ -41,7 +41,7 @@ def test_short_run_learns_and_beats_the_untrained_network(tmp_path):
                            size=(SIZE, SIZE), seed=0)
     shard_set = str(tmp_path / "shards" / "davis" / "skip5")
     run_job(JobConfig(kind="davis", source=str(davis), out=shard_set, clips=120, max_skip=5,
-                      clips_per_shard=40, seed=0), workers=1, progress=False)
+                      clips_per_shard=40, seed=0, subset="all"), workers=1, progress=False)
 
     # This run starts from random weights, not ImageNet: a higher learning rate than published,
     # and bootstrapped CE on the hardest 30% of pixels from the first iteration. A constant

@@ -83,9 +83,10 @@ synthetic youtube "$VIDEO_SIZE"
 
 step
 shards static "$SHARDS/static" --clips "$STATIC_CLIPS"
+# --subset all: the synthetic sets do not hold the videos of the published train lists
 for skip in 5 10 15 20 25; do
-  shards davis "$SHARDS/davis/skip$skip" --clips "$VIDEO_CLIPS" --max-skip "$skip"
-  shards youtube "$SHARDS/youtube/skip$skip" --clips "$VIDEO_CLIPS" --max-skip "$skip"
+  shards davis "$SHARDS/davis/skip$skip" --clips "$VIDEO_CLIPS" --max-skip "$skip" --subset all
+  shards youtube "$SHARDS/youtube/skip$skip" --clips "$VIDEO_CLIPS" --max-skip "$skip" --subset all
 done
 
 TRAIN=(--shards "$SHARDS" --device "$DEVICE" --crop "$CROP" --crop-mode resize

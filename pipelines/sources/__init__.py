@@ -4,9 +4,10 @@ from pipelines.sources.base import FrameStore, LayoutError, Video, decode_binary
 from pipelines.sources.bl30k_tar import (MemoryFrames, archive_name, iter_archive_videos,
                                          list_archives)
 from pipelines.sources.static import STATIC_SETS, StaticItem, StaticSource, open_static
-from pipelines.sources.video_tree import VideoTree, open_bl30k_tree, open_davis, open_youtube
+from pipelines.sources.video_tree import (SUBSET_HELP, VideoTree, open_bl30k_tree, open_davis,
+                                          open_youtube)
 
 __all__ = ["FrameStore", "LayoutError", "Video", "decode_binary_mask", "decode_ids",
            "decode_image", "MemoryFrames", "archive_name", "iter_archive_videos",
            "list_archives", "STATIC_SETS", "StaticItem", "StaticSource", "open_static",
-           "VideoTree", "open_bl30k_tree", "open_davis", "open_youtube"]
+           "SUBSET_HELP", "VideoTree", "open_bl30k_tree", "open_davis", "open_youtube"]

@@ -7,6 +7,7 @@ passes (the official download's top directory or the tree itself).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from pipelines.sources.base import LayoutError, Video, list_dir
@@ -16,6 +17,10 @@ DAVIS_LAYOUT = ("DAVIS/2017/trainval/{JPEGImages,Annotations}/480p/<video>/00000
                 "DAVIS/2017/trainval)")
 YOUTUBE_LAYOUT = ("YouTube/train_480p/{JPEGImages,Annotations}/<video>/00000.{jpg,png}, "
                   "frames every 5th (pass YouTube or YouTube/train_480p)")
+#: The published training lists, shipped as package data (pipelines/lists/).
+PUBLISHED_LISTS = {"davis": "davis_train_subset.txt", "youtube": "youtube_vos_train_subset.txt"}
+SUBSET_HELP = ("`published` (the published train list: 60 DAVIS / 3464 YouTubeVOS videos), "
+               "`all` (every video of the source) or a FILE of video names, one per line")
 BL30K_LAYOUT = ("BL30K/{JPEGImages,Annotations}/<video>/00000.{jpg,png} (pass BL30K or its "
                 "parent), or a directory of the BL30K_*.tar archives")
 
@@ -55,8 +60,42 @@ def _scan(kind: str, image_dir: Path, mask_dir: Path, names: list[str] | None,
     return VideoTree(kind, image_dir, mask_dir, videos, frame_step)
 
 
-def open_davis(root: str | Path) -> VideoTree:
-    """DAVIS 2017 train videos at 480p (the list in ImageSets/2017/train.txt)."""
+def read_list(path) -> list[str]:
+    """Video names of a list file, one per line (blank lines ignored)."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def subset_names(kind: str, subset: str) -> tuple[str, list[str] | None]:
+    """(where the list comes from, its names) for --subset; names None means every video."""
+    if subset == "all":
+        return "all", None
+    if subset == "published":
+        if kind not in PUBLISHED_LISTS:
+            raise ValueError(f"no published list for {kind}; pass --subset all or a FILE")
+        ref = resources.files("pipelines") / "lists" / PUBLISHED_LISTS[kind]
+        return f"the published {kind} train list", read_list(ref)
+    if not Path(subset).is_file():
+        raise ValueError(f"--subset {subset}: no such list file; expected {SUBSET_HELP}")
+    return str(subset), read_list(subset)
+
+
+def _select(kind: str, image_dir: Path, available: list[str], subset: str) -> list[str]:
+    """The names of `subset` (see subset_names), each checked to be in the source."""
+    origin, names = subset_names(kind, subset)
+    if names is None:
+        return available
+    have = set(available)
+    absent = [n for n in names if n not in have]
+    if absent:
+        raise ValueError(f"{image_dir}: video {absent[0]!r} of {origin} is missing "
+                         f"({len(absent)} of {len(names)} missing); pass --subset all to use "
+                         "every video of the source, or --subset FILE with your own list")
+    return names
+
+
+def open_davis(root: str | Path, subset: str = "published") -> VideoTree:
+    """DAVIS 2017 train videos at 480p: `subset` (see subset_names; `all` is the split's
+    ImageSets/2017/train.txt)."""
     root = Path(root)
     for base in (root, root / "trainval", root / "2017" / "trainval"):
         if (base / "JPEGImages" / "480p").is_dir():
@@ -72,17 +111,21 @@ def open_davis(root: str | Path) -> VideoTree:
     if absent:
         raise LayoutError(image_dir / absent[0], f"video listed in {split} is missing "
                           f"({len(absent)} missing)", DAVIS_LAYOUT)
+    if subset != "all":  # a list may name any video of the 480p tree
+        names = _select("davis", image_dir, list_dir(image_dir, DAVIS_LAYOUT), subset)
     return _scan("davis", image_dir, base / "Annotations" / "480p", names, DAVIS_LAYOUT)
 
 
-def open_youtube(root: str | Path) -> VideoTree:
-    """YouTubeVOS train_480p: every listed frame is annotated, frames are 5 raw frames apart."""
+def open_youtube(root: str | Path, subset: str = "published") -> VideoTree:
+    """YouTubeVOS train_480p videos of `subset` (see subset_names): every listed frame is
+    annotated, frames are 5 raw frames apart."""
     root = Path(root)
     base = root / "train_480p" if (root / "train_480p").is_dir() else root
     if not (base / "JPEGImages").is_dir():
         raise LayoutError(root, "no train_480p/JPEGImages found", YOUTUBE_LAYOUT)
-    return _scan("youtube", base / "JPEGImages", base / "Annotations", None, YOUTUBE_LAYOUT,
-                 frame_step=5)
+    image_dir = base / "JPEGImages"
+    names = _select("youtube", image_dir, list_dir(image_dir, YOUTUBE_LAYOUT), subset)
+    return _scan("youtube", image_dir, base / "Annotations", names, YOUTUBE_LAYOUT, frame_step=5)
 
 
 def open_bl30k_tree(root: str | Path) -> VideoTree:
