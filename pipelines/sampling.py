@@ -1,9 +1,10 @@
 """Which frames and which objects make a training clip (the published rules).
 
-`TripletSampler` draws three increasing frame indices whose gaps are at most the current
-curriculum max skip, reversed in time with probability 0.5. `eligible_objects` lists the
-objects a clip may train on: those visible in its first frame, and for BL30K only those that
-pass the object-size rule.
+`TripletSampler` draws three frame indices by the published loader's rule (README, section
+pipelines): gaps up to J + 1 where J = min(frames, max skip), end clamps that may
+repeat a frame, reversed in time with probability 0.5. `eligible_objects` lists the objects a
+clip may train on: those visible in its first frame, and for BL30K only those that pass the
+object-size rule.
 """
 from __future__ import annotations
 
@@ -33,13 +34,18 @@ class TripletSampler:
             raise ValueError(f"max_skip must be >= 1 frame, got {self.max_skip}")
 
     def sample(self, num_frames: int, rng: np.random.Generator) -> list[int]:
-        """Three distinct frame indices of a video with `num_frames` frames (>= 3)."""
-        if num_frames < 3:
-            raise ValueError(f"a triplet needs a video of at least 3 frames, got {num_frames}")
-        first_gap = int(rng.integers(1, min(self.max_skip, num_frames - 2) + 1))
-        second_gap = int(rng.integers(1, min(self.max_skip, num_frames - 1 - first_gap) + 1))
-        start = int(rng.integers(0, num_frames - first_gap - second_gap))
-        indices = [start, start + first_gap, start + first_gap + second_gap]
+        """Three frame indices of a video with `num_frames` (>= 3) listed frames, by the
+        published rule: J = min(N, max_skip); i0 uniform in 0..N-J; each next index is the
+        previous plus a gap uniform in 1..J+1, clamped to N-J (i1) or N-J//2 (i2) and to N-1.
+        The clamps near the end repeat a frame (i1 == i0 or i2 == i1): kept, as published."""
+        n = num_frames
+        if n < 3:
+            raise ValueError(f"a triplet needs a video of at least 3 frames, got {n}")
+        jump = min(n, self.max_skip)
+        i0 = int(rng.integers(n - jump + 1))
+        i1 = min(i0 + int(rng.integers(jump + 1)) + 1, n - jump, n - 1)
+        i2 = min(i1 + int(rng.integers(jump + 1)) + 1, n - jump // 2, n - 1)
+        indices = [i0, i1, i2]
         if rng.random() < self.reverse_p:
             indices.reverse()
         return indices
