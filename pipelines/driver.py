@@ -36,10 +36,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
-from tqdm import tqdm
 
 import shards
-from shards import storage
+from shards import console, storage
 
 from pipelines.augment import (BL30K_AUGMENT, ONLINE_STATIC, ONLINE_VIDEO, STATIC_AUGMENT,
                                VIDEO_AUGMENT)
@@ -312,8 +311,7 @@ def run_job(job: JobConfig, workers: int = 1, task: Task | None = None,
 
 
 def _bar(total, progress: bool, desc: str):
-    return tqdm(total=total, unit="clip", desc=desc, disable=not progress, smoothing=0.1,
-                dynamic_ncols=True)
+    return console.progress(total=total, unit="clip", desc=desc, enabled=progress)
 
 
 def _drain(bar, counter, last: list) -> None:

@@ -44,14 +44,14 @@ def make_clip(rng: np.random.Generator, key: str, size: int = 384, n_objects: in
 def write_synthetic_set(url_dir: str, count: int, size: int = 384, max_count: int = 128,
                         seed: int = 0, progress: bool = True) -> int:
     """Write `count` synthetic clips (8 per pseudo-video) plus a manifest to `url_dir`."""
-    from tqdm import tqdm
-
+    from . import console
     from .manifest import Manifest, write_manifest
     from .writer import ShardWriter
 
     rng = np.random.default_rng(seed)
     with ShardWriter(url_dir, max_count=max_count) as writer:
-        for i in tqdm(range(count), desc=f"write {url_dir}", unit="clip", disable=not progress):
+        for i in console.progress(range(count), desc=f"write {url_dir}", unit="clip",
+                                  enabled=progress):
             writer.write(make_clip(rng, f"synthetic{i // 8:05d}-{i:06d}", size=size))
     write_manifest(url_dir, Manifest(shards=writer.infos, config={
         "generator": "shards.sample_clips", "count": count, "size": size, "seed": seed}))

@@ -4,9 +4,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
-from . import codec, storage
+from . import codec, console, storage
 from .manifest import read_manifest
 from .reader import ShardError, iter_shard
 
@@ -34,7 +32,8 @@ def verify_shard_set(url_dir: str, decode: bool = True, progress: bool = True) -
         report.problems.append(str(err))
         return report
     seen: dict[str, str] = {}
-    for info in tqdm(manifest.shards, desc=f"verify {url_dir}", unit="shard", disable=not progress):
+    for info in console.progress(manifest.shards, desc=f"verify {url_dir}", unit="shard",
+                                 enabled=progress):
         url = storage.join(url_dir, info.name)
         report.shards += 1
         try:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from tqdm import tqdm
 
+from shards import console
 from stcn.online_augment import IMAGENET_MEAN, IMAGENET_STD
 
 # One colour per object id for prediction/ground-truth overlays (background stays black).
@@ -34,6 +34,9 @@ class StepTimer:
         self.device = device
         self.reset()
         self._mark = time.perf_counter()
+        # Whole-run totals (reset() starts a new logging window only), for summary.json.
+        self.run_data_seconds = self.run_total_seconds = 0.0
+        self.run_clips = 0
 
     def reset(self) -> None:
         self.data_seconds = 0.0
@@ -45,16 +48,25 @@ class StepTimer:
         self._mark = time.perf_counter()
 
     def data_ready(self) -> None:
-        self.data_seconds += time.perf_counter() - self._mark
+        waited = time.perf_counter() - self._mark
+        self.data_seconds += waited
+        self.run_data_seconds += waited
 
     def step_done(self, clips: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.total_seconds += now - self._mark
+        self.run_total_seconds += now - self._mark
         self._mark = now
         self.steps += 1
         self.clips += clips
+        self.run_clips += clips
+
+    def totals(self) -> dict[str, float]:
+        """clips/s and data-wait fraction of this process over the whole run."""
+        total = max(self.run_total_seconds, 1e-9)
+        return {"clips_per_s": self.run_clips / total, "data_wait_fraction": self.run_data_seconds / total}
 
     def summary(self) -> dict[str, float]:
         """clips/s, data-wait fraction and seconds per iteration since the last reset."""
@@ -79,7 +91,7 @@ class TrainingMonitor:
 
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=initial)
         if progress:
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True)
+            self.bar = console.progress(total=total, initial=initial, desc="train", unit="it")
 
     def scalars(self, iteration: int, values: Mapping[str, float], prefix: str = "train") -> None:
         if not self.enabled:

@@ -60,3 +60,83 @@ def test_installed_commands_run_outside_the_checkout(tmp_path):
                                 text=True, timeout=120)
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert f"Usage: {command} " in result.stdout, (command, result.stdout[:300])
+
+
+# ---- progress and verbosity (shards.console) ------------------------------------------
+
+def test_progress_in_logs_is_plain_periodic_lines():
+    """Not a terminal: lines at the interval plus a final one, with rate and ETA, and no
+    carriage returns."""
+    import io
+
+    from shards import console
+
+    clock = iter(range(0, 1000, 10)).__next__   # each reading 10 s later
+    stream = io.StringIO()
+    bar = console.LineProgress(total=100, desc="verify", unit="shard", interval=25,
+                               stream=stream, clock=clock)
+    for _ in range(10):
+        bar.update(10)
+    bar.set_postfix(loss=0.5)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    # start at t=0; updates at t=10..100, a line whenever 25 s passed since the last: 30, 60, 90
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("verify: 30/100 (30%) 1 shard/s, elapsed 0:00:30, ETA 0:01:10")
+    assert lines[-1].startswith("verify: 100/100 (100%)") and lines[-1].endswith("loss=0.5")
+
+
+def _run_tool(args, stderr_tty=False, env_extra=None):
+    """Run a tool script with stderr on a pipe or on a pseudo-terminal; its stderr text."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("STCN_PROGRESS", None)
+    if not stderr_tty:
+        result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+    leader, follower = pty.openpty()
+    # A real terminal's size (a fresh pseudo-terminal reports 0 columns).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    with subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=follower,
+                          env=env) as process:
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:    # the terminal closes when the process ends
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert process.wait(timeout=120) == 0
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tiny_shard_set(tmp_path_factory):
+    from shards.sample_clips import write_synthetic_set
+
+    url = str(tmp_path_factory.mktemp("console") / "set")
+    write_synthetic_set(url, 6, size=32, max_count=2, progress=False)
+    return url
+
+
+def test_verify_progress_bar_on_terminal_lines_in_logs_nothing_when_quiet(tiny_shard_set):
+    verify = str(TOOLS / "verify_shards")
+    on_terminal = _run_tool([verify, tiny_shard_set], stderr_tty=True)
+    assert "\r" in on_terminal and "3/3" in on_terminal
+    in_log = _run_tool([verify, tiny_shard_set])
+    assert "\r" not in in_log
+    assert [line for line in in_log.splitlines() if "3/3 (100%)" in line and "shard/s" in line]
+    assert _run_tool([verify, tiny_shard_set, "--quiet"]).strip() == ""
+    assert _run_tool([verify, tiny_shard_set, "--quiet"], stderr_tty=True).strip() == ""

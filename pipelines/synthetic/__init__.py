@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
+from shards import console
 
 from pipelines.synthetic.files import MARKER, staged_output, write_json
 from pipelines.synthetic.layouts import (SyntheticSpec, held_out_count, static_units,
@@ -81,8 +81,8 @@ def make_synthetic(kind: str, out, *, videos: int = 6, frames: int | None = None
     spec = resolve_spec(kind, videos=videos, frames=frames, objects=objects, seed=seed, size=size)
     out = Path(out)
     with staged_output(out, overwrite=overwrite) as staging, \
-            tqdm(total=units_of_work(spec), unit="video", desc=f"synthetic {kind}",
-                 disable=not progress) as bar:
+            console.progress(total=units_of_work(spec), unit="video", desc=f"synthetic {kind}",
+                             enabled=progress) as bar:
         _WRITERS[kind](staging, spec, bar.update)
         write_json(staging / MARKER, {"generator": "pipelines.synthetic", "kind": spec.kind,
                                       "videos": spec.videos, "frames": spec.frames,

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from shards import console
 from stcn.evaluation import datasets
 from stcn.evaluation.datasets import EvalSet, VideoSpec
 from stcn.evaluation.files import DatasetError, read_mask, write_json_atomic, write_mask
@@ -187,7 +187,7 @@ def run_evaluation(net: torch.nn.Module, eval_set: EvalSet, output: Path | str,
     masks_dir, records = _prepare_output(output, eval_set, settings, overwrite)
 
     per_video, reused = {}, []
-    for video in tqdm(eval_set.videos, desc=eval_set.name, disable=not progress):
+    for video in console.progress(eval_set.videos, desc=eval_set.name, unit="video", enabled=progress):
         record = None if overwrite else _finished_record(video, masks_dir, records)
         if record is not None:
             reused.append(video.name)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from tqdm import tqdm
 from vos_benchmark.benchmark import VideoEvaluator
 
+from shards import console
 from stcn.evaluation.files import DatasetError
 
 
@@ -75,9 +75,10 @@ def score_predictions(gt_dir: Path | str, pred_dir: Path | str, videos: Iterable
     score_one = partial(_evaluate, evaluator)
     if workers > 1:
         with Pool(workers) as pool:
-            results = list(tqdm(pool.imap(score_one, videos), total=len(videos), desc="scoring"))
+            results = list(console.progress(pool.imap(score_one, videos), total=len(videos),
+                                                desc="scoring", unit="video"))
     else:
-        results = [score_one(v) for v in tqdm(videos, desc="scoring")]
+        results = [score_one(v) for v in console.progress(videos, desc="scoring", unit="video")]
 
     per_video, all_j, all_f = {}, [], []
     for name, iou, boundary in results:
