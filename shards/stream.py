@@ -15,6 +15,8 @@ planned samples the loader stops with `BadDataError`.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Sequence
@@ -33,6 +35,29 @@ DEFAULT_SHUFFLE_BUFFER = 256
 DEFAULT_MAX_BAD_FRACTION = 0.05
 
 
+#: Left to the main process: a scheduler signals the whole process group, and a worker
+#: that died of it would take the run down before the main process could checkpoint.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore STOP_SIGNALS (they were blocked since the fork)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Block STOP_SIGNALS while the workers are forked, so that none of them can die of one
+    before it ignores them; a signal arriving meanwhile reaches the main process after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class BadDataError(RuntimeError):
     """More bad samples than the loader's max_bad_fraction allows."""
 
@@ -44,9 +69,19 @@ class BadDataWarning(UserWarning):
 @dataclass(frozen=True)
 class ShardSource:
     """One shard set in a mix. weight 5 visits every shard five times per epoch;
-    fractional weights visit a seeded random subset of the shards for the fraction."""
+    fractional weights visit a seeded random subset of the shards for the fraction.
+    [start, stop) restricts the set to those samples, counted in manifest order (shards in
+    order, samples in shard order; stop None: to the end): phases that share a set read
+    disjoint ranges of it. A shard cut by a bound is read from its start and the samples
+    before the range skipped (tar shards stream)."""
     url: str
     weight: float = 1.0
+    start: int = 0
+    stop: int | None = None
+
+    def __post_init__(self):
+        if self.start < 0 or (self.stop is not None and self.stop < self.start):
+            raise ValueError(f"{self.url}: bad sample range [{self.start}, {self.stop})")
 
 
 @dataclass
@@ -64,7 +99,28 @@ class LoaderStats:
 class _Source:
     url: str
     weight: float
-    shards: tuple[ShardInfo, ...]
+    shards: tuple[ShardInfo, ...]   # the shards the range touches
+    first: tuple[int, ...]          # per shard: sample ordinal where the range starts in it
+    counts: tuple[int, ...]         # per shard: samples of the range in it
+    range: tuple[int, int]          # [start, stop) in the set's manifest order
+
+    @classmethod
+    def of(cls, source: ShardSource, shards: Sequence[ShardInfo]) -> "_Source":
+        total = sum(s.count for s in shards)
+        stop = total if source.stop is None else source.stop
+        if stop > total:
+            raise ValueError(f"{source.url}: sample range [{source.start}, {stop}) goes past "
+                             f"its {total} samples; make the set bigger or read less of it")
+        kept, first, counts, offset = [], [], [], 0
+        for info in shards:
+            lo, hi = max(source.start, offset), min(stop, offset + info.count)
+            if lo < hi:
+                kept.append(info)
+                first.append(lo - offset)
+                counts.append(hi - lo)
+            offset += info.count
+        return cls(source.url.rstrip("/"), float(source.weight), tuple(kept), tuple(first),
+                   tuple(counts), (source.start, stop))
 
 
 def _as_sources(sources) -> list[ShardSource]:
@@ -100,7 +156,7 @@ class ClipStream(IterableDataset):
 
     @property
     def shard_counts(self) -> list[list[int]]:
-        return [[s.count for s in src.shards] for src in self.sources]
+        return [list(src.counts) for src in self.sources]
 
     def epoch_layout(self, epoch: int):
         visits = plan.epoch_visits(self.shard_counts, [s.weight for s in self.sources],
@@ -147,18 +203,20 @@ class _StreamRun:
         self.last_good: dict[str, bytes] | None = None  # raw members: substitutes cost nothing
                                                         # until a bad sample needs one
 
-    def _shard_url(self, visit: int) -> tuple[str, ShardInfo]:
+    def _shard_url(self, visit: int) -> tuple[str, ShardInfo, int]:
+        """URL, record and first sample ordinal (the range's start in it) of a visit."""
         src, shard = self.visits[visit]
         source = self.ds.sources[src]
         info = source.shards[shard]
-        return storage.join(source.url, info.name), info
+        return storage.join(source.url, info.name), info, source.first[shard]
 
     def _read(self, inputs: np.ndarray) -> Iterator[tuple[int, dict | None, str]]:
         """(input index, members or None, where) for `inputs` in ascending order."""
         current, tar, next_ordinal, broken = None, None, 0, False
         for i in inputs:
-            visit, want = int(self.visit_of[i]), int(self.ordinal[i])
-            url, info = self._shard_url(visit)
+            visit = int(self.visit_of[i])
+            url, info, first = self._shard_url(visit)
+            want = int(self.ordinal[i]) + first
             if visit != current:
                 if tar is not None:
                     tar.close()
@@ -258,7 +316,16 @@ class _StreamRun:
 
     def _look_ahead_for_a_good_sample(self, reader, held) -> None:
         """No good sample yet to duplicate (e.g. the stream starts with a broken shard):
-        read on until one decodes. What is read stays held and is emitted in its turn."""
+        take one from the shuffle buffer if it holds one that decodes, else read on until
+        one decodes. What is read stays held and is emitted in its turn."""
+        for members, _ in held.values():
+            if members is not None:
+                try:
+                    decode_sample(members)
+                except SampleDecodeError:
+                    continue
+                self.last_good = members
+                return
         for got, members, where in reader:
             held[got] = (members, where)
             if members is not None:
@@ -362,10 +429,13 @@ class ClipLoader:
             loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is,
                                 num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                persistent_workers=False)
+                                persistent_workers=False,
+                                worker_init_fn=_ignore_stop_signals if self.num_workers else None)
             self._pass_stats = {}
             try:
-                for batch in loader:
+                with _stop_signals_blocked():
+                    batches = iter(loader)  # forks the workers
+                for batch in batches:
                     worker = batch.pop("_worker")
                     if ring is not None:
                         ring.take_out(batch, worker)
@@ -396,8 +466,8 @@ class ClipLoader:
         Identical on every rank except `stats` (this rank's counts)."""
         return {"version": STATE_VERSION, "seed": self.dataset.seed, "epoch": self.epoch,
                 "legs": [asdict(leg) for leg in self.legs],
-                "sources": [{"url": s.url, "weight": s.weight,
-                             "counts": [x.count for x in s.shards]} for s in self.dataset.sources],
+                "sources": [{"url": s.url, "weight": s.weight, "counts": list(s.counts),
+                             "range": list(s.range)} for s in self.dataset.sources],
                 "stats": asdict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -408,12 +478,15 @@ class ClipLoader:
         mine = self.state_dict()
         # The plan depends on the seed, the weights and the shard counts, not on where the
         # sets live: moving them (another bucket, a local copy) keeps the resume exact.
-        def plan_inputs(st):
-            return st["seed"], [(s["weight"], list(s["counts"])) for s in st["sources"]]
+        def plan_inputs(st):  # a state saved before ranges existed read whole sets
+            return st["seed"], [(s["weight"], list(s["counts"]),
+                                 tuple(s.get("range") or (0, sum(s["counts"]))))
+                                for s in st["sources"]]
 
         def describe(st):
-            sets = ", ".join(f"{s['url']} x{s['weight']:g} ({sum(s['counts'])} clips)"
-                             for s in st["sources"])
+            sets = ", ".join(f"{s['url']} x{s['weight']:g} ({sum(s['counts'])} clips"
+                             + (f" [{s['range'][0]}, {s['range'][1]})" if s.get("range") else "")
+                             + ")" for s in st["sources"])
             return f"seed {st['seed']}, {sets}"
 
         if plan_inputs(state) != plan_inputs(mine):
@@ -457,7 +530,8 @@ def make_loader(sources: str | ShardSource | Sequence, batch_size: int,
                 pin_memory: bool = False, prefetch_factor: int | None = None) -> ClipLoader:
     """The streaming loader of one rank over one or several weighted shard sets.
 
-    sources: URL, ShardSource, or a list of them / of (url, weight) pairs.
+    sources: URL, ShardSource, or a list of them / of (url, weight) pairs; a ShardSource
+        may restrict its set to a sample range (start, stop).
     rank / world_size: default to torch.distributed's when initialised, else 0 / 1.
     shuffle_buffer: samples held (raw bytes) per worker for shuffling.
     verify: check each shard's size and sha256 against the manifest when it is opened
@@ -473,7 +547,7 @@ def make_loader(sources: str | ShardSource | Sequence, batch_size: int,
     resolved = []
     for s in _as_sources(sources):
         manifest = read_manifest(s.url)
-        resolved.append(_Source(s.url.rstrip("/"), float(s.weight), tuple(manifest.shards)))
+        resolved.append(_Source.of(s, manifest.shards))
     dataset = ClipStream(resolved, batch_size, rank, seed, verify, max_bad_fraction)
     return ClipLoader(dataset, world_size, num_workers, shuffle_buffer, pin_memory,
                       prefetch_factor if num_workers > 0 else None)

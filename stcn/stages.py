@@ -1,10 +1,13 @@
 """The four STCN training stages as data: published defaults in one place, overridable.
 
 A stage says how long to train, at which batch size and learning rate, which shard sets to
-stream, and how the frame-distance (max skip) curriculum moves. Everything that counts
-iterations (learning-rate steps, the bootstrapped-CE warm-up) is stored at the published
-scale and rescaled with `StageConfig.with_iterations`, so a 200-iteration test run goes
-through the same schedule shape as the 300K-iteration published run.
+stream, and how the frame-distance (max skip) curriculum moves. As published, the curriculum
+switches at fractions of the run, while the learning-rate steps and the bootstrapped-CE ramp
+are absolute iterations. With another iteration count, `schedule_scaling` says what happens
+to those absolute milestones (`SCHEDULE_SCALINGS`): "proportional" (the default) scales them
+with the run, so a 200-iteration test run goes through the published schedule's shape;
+"absolute" keeps them at the published iterations (a milestone past the end never happens).
+`describe_schedule` is what the trainer prints at start and `--dry-run` shows.
 
 Shard sets follow the pipeline's naming: `<root>/static` for stage 0 and
 `<root>/<source>/skip<S>` for the video sources, S being the curriculum's max skip (the
@@ -20,6 +23,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+
+#: How the absolute milestones (lr steps, bootstrap ramp) follow another --iterations.
+SCHEDULE_SCALINGS = ("proportional", "absolute")
+DEFAULT_SCHEDULE_SCALING = "proportional"
 
 
 @dataclass(frozen=True)
@@ -46,15 +54,22 @@ class StageConfig:
     lr: float
     lr_steps: tuple[int, ...]  # iterations at which lr is multiplied by lr_gamma
     single_object: bool
-    sources: Mapping[str, float]  # source name -> sampling weight (DAVIS x5 + YouTubeVOS x1)
+    # source name -> mix weight per video (DAVIS x5 + YouTubeVOS x1): `tools/make_shards plan`
+    # makes w x videos clips per source in proportion, the loader streams each once
+    sources: Mapping[str, float]
     phases: tuple[SkipPhase, ...]
     lr_gamma: float = 0.1
     weight_decay: float = 1e-7
     bootstrap_start: int = 20_000  # plain CE before this iteration
     bootstrap_end: int = 70_000  # kept fraction reaches bootstrap_final_fraction here
     bootstrap_final_fraction: float = 0.15
+    # How lr_steps and bootstrap_* follow a changed iteration count (see module docstring).
+    schedule_scaling: str = DEFAULT_SCHEDULE_SCALING
 
     def __post_init__(self) -> None:
+        if self.schedule_scaling not in SCHEDULE_SCALINGS:
+            raise ValueError(f"schedule_scaling must be one of {SCHEDULE_SCALINGS}, "
+                             f"got {self.schedule_scaling!r}")
         if self.iterations <= 0 or self.batch_size <= 0 or self.lr <= 0:
             raise ValueError(f"stage {self.stage}: iterations, batch_size and lr must be positive")
         if not self.phases or self.phases[0].start != 0:
@@ -68,7 +83,10 @@ class StageConfig:
             raise ValueError("bootstrap_end must not come before bootstrap_start")
 
     def with_iterations(self, iterations: int) -> "StageConfig":
-        """The same stage over `iterations`, with every iteration-counted milestone rescaled."""
+        """The same stage over `iterations`. Phases are fractions, so they follow; the lr
+        steps and the bootstrap ramp follow `schedule_scaling`."""
+        if self.schedule_scaling == "absolute":
+            return dataclasses.replace(self, iterations=iterations)
         scale = iterations / self.iterations
         return dataclasses.replace(
             self,
@@ -95,7 +113,9 @@ class StageConfig:
         return self.iterations
 
     def shard_sets(self, index: int, root: str | None) -> dict[str, float]:
-        """Shard set URL -> weight for phase `index`: explicit sets, else derived from `root`."""
+        """Shard set URL -> loader weight for phase `index`: explicit sets, else derived from
+        `root` with weight 1: each clip is streamed once, and the mix of `sources` (DAVIS x5)
+        is in the set sizes `tools/make_shards plan` gives (stcn.clip_ranges)."""
         phase = self.phases[index]
         if phase.sets is not None:
             return dict(phase.sets)
@@ -106,8 +126,8 @@ class StageConfig:
             )
         root = root.rstrip("/")
         if phase.max_skip is None:
-            return {f"{root}/{source}": weight for source, weight in self.sources.items()}
-        return {f"{root}/{source}/skip{phase.max_skip}": weight for source, weight in self.sources.items()}
+            return {f"{root}/{source}": 1.0 for source in self.sources}
+        return {f"{root}/{source}/skip{phase.max_skip}": 1.0 for source in self.sources}
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -146,7 +166,8 @@ def load_stage(stage: int, override: str | Path | Mapping[str, Any] | None = Non
 
     Override keys are StageConfig field names. `phases` is a list of
     {start, max_skip, sets} mappings; `lr_steps` a list of iterations. When `iterations`
-    is overridden and `lr_steps`/`bootstrap_*` are not, those milestones are rescaled.
+    is overridden and `lr_steps`/`bootstrap_*` are not, those milestones follow
+    `schedule_scaling` (scaled with the run, or kept at the published iterations).
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage}: expected one of {sorted(STAGES)}")
@@ -168,6 +189,8 @@ def load_stage(stage: int, override: str | Path | Mapping[str, Any] | None = Non
         raise ValueError(f"unknown stage config keys {sorted(unknown)}: expected some of {sorted(known)}")
     if override.get("stage", stage) != stage:
         raise ValueError(f"stage config is for stage {override['stage']}, not stage {stage}")
+    if "schedule_scaling" in override:
+        config = dataclasses.replace(config, schedule_scaling=override.pop("schedule_scaling"))
     if "iterations" in override:
         config = config.with_iterations(int(override.pop("iterations")))
     if "phases" in override:
@@ -195,6 +218,29 @@ def resolve_stage(stage: int, config_file: str | Path | None = None, **overrides
     return load_stage(stage, merged or None)
 
 
+def describe_schedule(stage: StageConfig) -> str:
+    """The schedule in words, against the published one: printed at start and by --dry-run."""
+    published = STAGES[stage.stage]
+    lines = [f"stage {stage.stage}: {stage.iterations} iterations (published {published.iterations}), "
+             f"batch {stage.batch_size} per GPU, lr {stage.lr:g}"]
+    if stage.iterations != published.iterations:
+        lines.append(f"  schedule scaling: {stage.schedule_scaling} (lr steps and bootstrap ramp "
+                     + ("scaled with the iterations)" if stage.schedule_scaling == "proportional"
+                        else "kept at the published iterations)"))
+    steps = ", ".join(str(s) for s in stage.lr_steps) or "none"
+    lines.append(f"  lr x{stage.lr_gamma:g} at iteration {steps} (published "
+                 f"{', '.join(str(s) for s in published.lr_steps)})"
+                 + "".join(f"; {s} is past the end" for s in stage.lr_steps if s >= stage.iterations))
+    lines.append(f"  bootstrapped CE: all pixels up to iteration {stage.bootstrap_start}, then linearly "
+                 f"down to the hardest {stage.bootstrap_final_fraction:.0%} at {stage.bootstrap_end} "
+                 f"(published {published.bootstrap_start}-{published.bootstrap_end})")
+    for index, phase in enumerate(stage.phases):
+        skip = "static" if phase.max_skip is None else f"max skip {phase.max_skip}"
+        lines.append(f"  phase {index}: iterations [{stage.phase_start_iteration(index)}, "
+                     f"{stage.phase_end_iteration(index)}) {skip} (from {phase.start:.0%} of the run)")
+    return "\n".join(lines)
+
+
 def _plain(value: Any) -> Any:
     """Tuples and mappings as lists and dicts, so configs round-trip through YAML/JSON."""
     if isinstance(value, Mapping):
@@ -204,4 +250,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["SkipPhase", "StageConfig", "STAGES", "load_stage", "resolve_stage"]
+__all__ = ["SkipPhase", "StageConfig", "STAGES", "SCHEDULE_SCALINGS", "DEFAULT_SCHEDULE_SCALING",
+           "load_stage", "resolve_stage", "describe_schedule"]
