@@ -13,33 +13,46 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
+import os
 import random
+import time
 import re
 import signal
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from stcn import distributed
+from stcn import clip_ranges, distributed
+from stcn.clip_ranges import PhaseClips
 from stcn.checkpoint import CheckpointManager, capture_rng_states, restore_rng_states, unwrap_model
+from stcn.inference import AMP_DTYPES
 from stcn.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
 from stcn.monitor import StepTimer, TrainingMonitor, gpu_memory_gib
 from stcn.network import STCN
 from stcn.online_augment import CROP_MODES, OnlineAugmentation, prepare_batch
-from stcn.stages import StageConfig
+from stcn.preflight import RunPlan, check_run
+from stcn.runrecord import rank_log, resolved_config, write_config, write_summary
+from stcn.stages import StageConfig, describe_schedule
 from stcn.weights import init_from_imagenet, load_stcn_weights, save_stcn_weights
 
 #: Exit status meaning "checkpointed on a preemption signal, run me again" (EX_TEMPFAIL).
 PREEMPTED_EXIT_CODE = 75
+#: Exit status after a checkpoint on Ctrl-C (128 + SIGINT, the shells' convention).
+INTERRUPTED_EXIT_CODE = 130
+#: Steps over which --max-nonfinite is counted.
+NONFINITE_WINDOW = 100
 NAN_POLICIES = ("skip", "stop")
+AMP_MODES = ("fp16", "bf16", "off")
 
 
 @dataclass
@@ -52,9 +65,10 @@ class TrainOptions:
     load_network: str | None = None  # STCN weights to start from (stage 0 widened)
     imagenet_resnet50: str | None = None  # torchvision-layout files, when not loading STCN
     imagenet_resnet18: str | None = None
+    from_scratch: bool = False  # allow stage 0 to start from random weights (no ImageNet files)
     resume: str | None = "auto"  # "auto", a checkpoint path, or None for a fresh run
     device: str | None = None  # "cuda", "cuda:N", "cpu", or "auto"/None (CUDA when available)
-    amp: bool = True  # bf16 where supported, fp16 + GradScaler otherwise; never on CPU
+    amp: str = "fp16"  # AMP_MODES: fp16 + GradScaler as published, bf16, or off; CPU runs fp32
     compile: bool = False
     channels_last: bool = False
     crop: int | None = None  # reduce clips to crop x crop on the device (fast CPU runs)
@@ -68,10 +82,17 @@ class TrainOptions:
     log_every: int = 50
     image_every: int = 1000
     nan_policy: str = "skip"
+    max_nonfinite: int = 10  # skipped non-finite steps allowed among the last NONFINITE_WINDOW
     stop_after: int | None = None  # checkpoint and return after this many total iterations
     progress: bool = True
+    allow_repeats: bool = False  # let the stage stream a clip more than once (sets short of clips)
+    rank_logs: bool = True  # tee each rank's console output into run_dir/rank<N>.log
 
     def __post_init__(self) -> None:
+        if isinstance(self.amp, bool):  # the former on/off switch
+            self.amp = "fp16" if self.amp else "off"
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         if self.crop_mode not in CROP_MODES:
@@ -85,7 +106,9 @@ class TrainOptions:
 
 @dataclass
 class TrainResult:
-    status: str  # "completed", "preempted", "stopped" (stop_after) or "diverged"
+    # Why the run ended, recorded in summary.json: "completed", "preempted" (signal),
+    # "stopped" (stop_after), "interrupted" or "diverged".
+    status: str
     iteration: int
     losses: list[float]  # total loss of every iteration run in this process (rank 0's view)
     weights_path: Path | None = None
@@ -97,13 +120,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- data
-def open_loader(sets: Mapping[str, float], stage: StageConfig, options: TrainOptions,
-                context: distributed.DistributedContext, phase: int):
-    """The streaming loader for one skip phase's shard sets, split over ranks and workers."""
+def open_loader(sets: Mapping[str, float] | Iterable[clip_ranges.SetRange], stage: StageConfig,
+                options: TrainOptions, context: distributed.DistributedContext, phase: int):
+    """The streaming loader for one skip phase's shard sets (URL -> weight, or the ranges
+    the phase reads, stcn.clip_ranges), split over ranks and workers."""
     import shards
 
     return shards.make_loader(
-        [shards.ShardSource(url, weight) for url, weight in sets.items()],
+        [shards.ShardSource(url, weight) for url, weight in sets.items()]
+        if isinstance(sets, Mapping) else
+        [shards.ShardSource(s.url, s.weight, s.start, s.stop) for s in sets],
         batch_size=stage.batch_size,
         rank=context.rank,
         world_size=context.world_size,
@@ -193,12 +219,31 @@ def clip_targets(masks: torch.Tensor, targets: list[int], seconds: list[int]) ->
     }
 
 
+def world_size_from_env() -> int:
+    """torchrun's WORLD_SIZE (1 without torchrun), read without touching any device."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
 # --------------------------------------------------------------------------- model
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it, fp16 otherwise, None (no autocast) on CPU or with amp off."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+@dataclass(frozen=True)
+class AmpPolicy:
+    dtype: torch.dtype | None  # autocast dtype; None runs fp32
+    grad_scaler: bool  # loss scaling: fp16 needs it, bf16's range does not
+
+    def describe(self) -> str:
+        if self.dtype is None:
+            return "off (fp32)"
+        return f"{str(self.dtype).removeprefix('torch.')} autocast" + (" with a GradScaler" if self.grad_scaler else "")
+
+
+def amp_policy(device: torch.device, amp: str) -> AmpPolicy:
+    """The published fp16 autocast + GradScaler on CUDA, bf16 on request; CPU runs stay fp32."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    if amp == "off" or device.type != "cuda":
+        return AmpPolicy(None, False)
+    dtype = AMP_DTYPES[amp]
+    return AmpPolicy(dtype, dtype == torch.float16)
 
 
 def build_network(stage: StageConfig, options: TrainOptions, device: torch.device) -> STCN:
@@ -224,13 +269,22 @@ def make_optimizer(params: list[torch.nn.Parameter], stage: StageConfig) -> torc
 
 # --------------------------------------------------------------------------- signals
 class StopSignal:
-    """Records SIGTERM/SIGUSR1 so the loop can stop cleanly after the current step."""
+    """Records SIGINT/SIGTERM/SIGUSR1 so the loop can checkpoint after the current step and
+    stop. A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once: abort, no
+    checkpoint. Loader workers ignore all three (shards.stream): the main process decides."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.names: set[str] = set()
         self._previous: dict[int, Any] = {}
+
+    @property
+    def status(self) -> str:
+        """"preempted" for a scheduler's SIGTERM/SIGUSR1 (exit 75: requeue me), else
+        "interrupted" (Ctrl-C, exit 130)."""
+        return "interrupted" if self.names == {"SIGINT"} else "preempted"
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
@@ -241,7 +295,14 @@ class StopSignal:
         return self
 
     def _handle(self, number: int, frame: Any) -> None:
-        self.received = signal.Signals(number).name
+        name = signal.Signals(number).name
+        if name == "SIGINT" and "SIGINT" in self.names:
+            raise KeyboardInterrupt("second Ctrl-C: aborted without a checkpoint")
+        if name == "SIGINT":
+            print("Ctrl-C: checkpointing after this step (press Ctrl-C again to abort at once)",
+                  file=sys.stderr, flush=True)
+        self.names.add(name)
+        self.received = self.received or name
 
     def __exit__(self, *exc: Any) -> None:
         for number, handler in self._previous.items():
@@ -252,9 +313,11 @@ class StopSignal:
 class Trainer:
     """One stage in one run directory. `run()` trains until done, stopped or preempted."""
 
-    def __init__(self, stage: StageConfig, options: TrainOptions):
+    def __init__(self, stage: StageConfig, options: TrainOptions, plan: RunPlan | None = None):
         self.stage = stage
         self.options = options
+        self.plan = plan  # the pre-flight's phase plan, logged at start
+        self.started = time.monotonic()
         self.run_dir = Path(options.run_dir)
         self.context = distributed.init_distributed(options.device)
         self.device = self.context.device
@@ -270,8 +333,12 @@ class Trainer:
         self.optimizer = make_optimizer(params, stage)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(stage.lr_steps), gamma=stage.lr_gamma)
-        self.amp_dtype = autocast_dtype(self.device, options.amp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.amp = amp_policy(self.device, options.amp)
+        if self.amp.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"--amp bf16: {torch.cuda.get_device_name(self.device)} does not support "
+                             "bf16; use --amp fp16 (the published setting)")
+        self.amp_dtype = self.amp.dtype
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp.grad_scaler)
 
         self.model: torch.nn.Module = self.net
         if self.context.distributed:
@@ -286,6 +353,8 @@ class Trainer:
         self.sample_rng = np.random.default_rng([options.seed, self.context.rank, stage.stage])
         self.augment_rng = torch.Generator().manual_seed(options.seed * 7919 + self.context.rank)
         self.losses: list[float] = []
+        self.recent_nonfinite: collections.deque[int] = collections.deque(maxlen=NONFINITE_WINDOW)
+        self.bad_samples_before = 0  # loader bad samples of the phases finished before this one
         self.last_metrics: dict[str, float] = {}
 
     # ---------------------------------------------------------------- state
@@ -322,6 +391,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ranks": gathered,
+            "recent_nonfinite": list(self.recent_nonfinite),
+            "bad_samples_before": self.bad_samples_before,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -339,6 +410,8 @@ class Trainer:
         if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
+        self.recent_nonfinite.extend(int(v) for v in state.get("recent_nonfinite", []))
+        self.bad_samples_before = int(state.get("bad_samples_before", 0))
         ranks = state["ranks"]
         if len(ranks) == self.context.world_size:
             own = ranks[self.context.rank]
@@ -357,17 +430,80 @@ class Trainer:
             # The loader's position (epoch plan and batches delivered) is the same on every rank.
             self.loader_state = ranks[0]["loader"]
 
-    def save_checkpoint(self, loader: Any, phase: int) -> None:
+    def weights_finite(self) -> bool:
+        """Whether every parameter and buffer is finite (the same on every rank)."""
+        return all(bool(torch.isfinite(t).all()) for t in self.net.state_dict().values()
+                   if t.is_floating_point())
+
+    def save_checkpoint(self, loader: Any, phase: int) -> bool:
+        """Checkpoint (True), or refuse when the weights are not finite (False): a diverged
+        model never replaces the last good checkpoint."""
+        if not self.weights_finite():
+            return False
         state = self.state_dict(loader, phase)
         if state is not None:
             self.checkpoints.save(state, self.iteration)
         distributed.barrier()
+        return True
+
+    def diverged(self, monitor: TrainingMonitor, why: str) -> str:
+        good = self.checkpoints.checkpoints()
+        monitor.message(f"diverged at iteration {self.iteration}: {why}. No checkpoint or weights "
+                        "are written from this state; the last good checkpoint is "
+                        f"{good[-1][1] if good else 'none'} (lower --lr, or check the data).")
+        return "diverged"
 
     # ---------------------------------------------------------------- data
     def phase_sets(self, phase: int) -> dict[str, float]:
         if self.options.shard_sets:
             return dict(self.options.shard_sets)
         return self.stage.shard_sets(phase, self.options.shards)
+
+    def phase_clips(self, phase: int, from_iteration: int) -> PhaseClips:
+        """The ranges of its sets phase `phase` reads (phases sharing a set split it by
+        their iterations, stcn.clip_ranges) and what it streams from `from_iteration`."""
+        import shards
+
+        sets_by_phase = [self.phase_sets(p) if p == phase else self._sets_or_none(p)
+                         for p in range(len(self.stage.phases))]
+        totals = {url: shards.read_manifest(url).num_samples for url in sets_by_phase[phase]}
+        begun = max(0, from_iteration - self.stage.phase_start_iteration(phase))
+        return clip_ranges.phase_clips(self.stage, sets_by_phase, phase, totals,
+                                       self.context.world_size, from_iteration,
+                                       delivered=begun * self.stage.batch_size * self.context.world_size)
+
+    def _sets_or_none(self, phase: int) -> dict[str, float]:
+        try:
+            return self.phase_sets(phase)
+        except ValueError:  # a phase naming no sets fails when it starts, not before
+            return {}
+
+    def check_clips(self, clips: PhaseClips, loader: Any) -> str:
+        """Refuse (NotEnoughClipsError) a phase whose rest would stream a clip twice, unless
+        --allow-repeats; exact: the loader knows how many batches its epoch has left (after
+        a resume, an elastic one included). Returns the phase's log line."""
+        left = clips.end - clips.start
+        fits = loader.epoch == 0 and len(loader) >= left and all(s.weight <= 1 for s in clips.sets)
+        if not fits and not self.options.allow_repeats:
+            raise clip_ranges.NotEnoughClipsError(
+                clips.problem() or f"phase {clips.phase} needs {left} more batches per process, "
+                f"its ranges hold {len(loader)} not yet streamed; pass --allow-repeats or make "
+                "the sets bigger")
+        line = clips.describe()
+        if not fits and clips.fits:  # the exact count differs from the estimate
+            line += f" (repeats: only {len(loader)} of {left} batches left unstreamed)"
+        return line
+
+    def check_later_phases(self) -> None:
+        """At start and resume: every phase after the current one fits at this world size
+        (an elastic resume onto more GPUs needs more clips), or --allow-repeats."""
+        phase = self.stage.phase_index(self.iteration)
+        for later in range(phase + 1, len(self.stage.phases)):
+            if self.stage.phase_end_iteration(later) > self.stage.phase_start_iteration(later):
+                problem = self.phase_clips(later, self.iteration).problem()
+                if problem and not self.options.allow_repeats:
+                    raise clip_ranges.NotEnoughClipsError(
+                        f"at iteration {self.iteration} on {self.context.world_size} process(es): {problem}")
 
     def batches(self, loader: Any) -> Iterator[dict[str, Any]]:
         """Endless batches: a finished epoch starts the next one."""
@@ -415,46 +551,87 @@ class Trainer:
     def run(self) -> TrainResult:
         # Handlers first: a preemption signal during start-up must not kill the process.
         with StopSignal() as stop_signal:
-            resumed = self.checkpoints.resolve(self.options.resume, map_location="cpu")
+            resumed = self.checkpoints.resolve(self.options.resume, map_location="cpu",
+                                               is_main=self.context.is_main)
             if resumed is not None:
                 self.load_state_dict(resumed[0])
             if self.context.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "stage.json").write_text(json.dumps(self.stage.to_dict(), indent=2))
+                write_config(self.run_dir, self.run_config(resumed[1] if resumed else None))
             monitor = TrainingMonitor(self.run_dir, self.context.is_main, self.stage.iterations,
                                       initial=self.iteration, image_every=self.options.image_every,
                                       progress=self.options.progress)
             if resumed is not None:
                 monitor.message(f"resumed from {resumed[1]} at iteration {self.iteration}")
+            monitor.message(describe_schedule(self.stage) + f"\n  AMP: {self.amp.describe()}")
+            if self.plan is not None:
+                monitor.message(self.plan.format())
             try:
                 status = self._loop(monitor, stop_signal)
             finally:
                 monitor.close()
         weights = None
+        if status == "completed" and not self.weights_finite():
+            status = "diverged"  # never export non-finite weights
         if status == "completed":
             weights = self.run_dir / f"stcn_stage{self.stage.stage}.pth"
             if self.context.is_main:
                 save_stcn_weights(unwrap_model(self.model), weights)
             distributed.barrier()
-        return TrainResult(status, self.iteration, self.losses, weights, self.last_metrics)
+        return self.finish(TrainResult(status, self.iteration, self.losses, weights, self.last_metrics))
+
+    # ---------------------------------------------------------------- records
+    def run_config(self, resumed_from: Path | None) -> dict[str, Any]:
+        """config.yaml: every resolved option and the software that runs them."""
+        return resolved_config(self.stage, self.options, self.context.world_size,
+                               device=str(self.device), amp=self.amp.describe(),
+                               resumed_from=str(resumed_from) if resumed_from else None,
+                               start_iteration=self.iteration)
+
+    def finish(self, result: TrainResult) -> TrainResult:
+        """Write summary.json (main rank) for however the run ended; returns `result`."""
+        if not self.context.is_main:
+            return result
+        timer = getattr(self, "timer", None)
+        totals = timer.totals() if timer is not None else {}
+        metrics = result.last_metrics
+        final_loss = metrics.get("loss", result.losses[-1] if result.losses else None)
+        write_summary(self.run_dir, {
+            "status": result.status,
+            "stage": self.stage.stage,
+            "iterations_done": result.iteration,
+            "iterations_total": self.stage.iterations,
+            "iterations_this_run": len(result.losses),
+            "final_loss": final_loss,
+            "final_iou_frame1": metrics.get("iou_frame1"),
+            "final_iou_frame2": metrics.get("iou_frame2"),
+            "wall_seconds": round(time.monotonic() - self.started, 3),
+            "clips_per_s": totals.get("clips_per_s", 0.0) * self.context.world_size,
+            "data_wait_fraction": totals.get("data_wait_fraction"),
+            "world_size": self.context.world_size,
+            "checkpoints": [str(path) for _, path in self.checkpoints.checkpoints()],
+            "weights": str(result.weights_path) if result.weights_path else None,
+        })
+        return result
 
     def _loop(self, monitor: TrainingMonitor, stop_signal: StopSignal) -> str:
         stage, options = self.stage, self.options
         self.net.train()
         self.last_metrics = {}
-        timer = StepTimer(self.device)
+        timer = self.timer = StepTimer(self.device)
         window: list[torch.Tensor] = []
         nonfinite = 0
+        self.check_later_phases()
         while self.iteration < stage.iterations:
             phase = stage.phase_index(self.iteration)
-            sets = self.phase_sets(phase)
-            augmentation = online_augmentation_for(sets)
-            loader = open_loader(sets, stage, options, self.context, phase)
+            clips = self.phase_clips(phase, self.iteration)
+            augmentation = online_augmentation_for({s.url: s.weight for s in clips.sets})
+            loader = open_loader(clips.sets, stage, options, self.context, phase)
             if self.loader_state is not None and self.loader_state["phase"] == phase:
                 loader.load_state_dict(self.loader_state["state"])
             self.loader_state = None
-            monitor.message(f"phase {phase}: iterations {self.iteration}-{stage.phase_end_iteration(phase)}, "
-                            f"shard sets {sets}")
+            monitor.message(self.check_clips(clips, loader))
             batches = self.batches(loader)
             timer.restart()
             while self.iteration < stage.phase_end_iteration(phase):
@@ -471,7 +648,9 @@ class Trainer:
                                        out["loss_frame2"].detach(), out["iou_frame1"],
                                        out["iou_frame2"]]).float().cpu()
                 finite = bool(torch.isfinite(figures[0]))
-                if distributed.any_rank(not finite, self.device):
+                skipped = distributed.any_rank(not finite, self.device)
+                self.recent_nonfinite.append(int(skipped))
+                if skipped:
                     nonfinite += 1
                     message = (f"non-finite loss at iteration {self.iteration} on rank {self.context.rank} "
                                f"(samples: {', '.join(batch['__key__'])})")
@@ -499,15 +678,22 @@ class Trainer:
                     self._log(monitor, window, timer, out, nonfinite, loader)
                     window = []
                     timer.reset()
+                if sum(self.recent_nonfinite) > options.max_nonfinite:
+                    return self.diverged(monitor, f"{sum(self.recent_nonfinite)} of the last "
+                                         f"{len(self.recent_nonfinite)} steps had a non-finite loss "
+                                         f"(more than --max-nonfinite {options.max_nonfinite})")
                 signalled = distributed.any_rank(stop_signal.received is not None, self.device)
                 stop_after = options.stop_after is not None and self.iteration >= options.stop_after
                 if signalled or stop_after:
-                    self.save_checkpoint(loader, phase)
+                    if not self.save_checkpoint(loader, phase):
+                        return self.diverged(monitor, "the weights are not finite")
                     reason = f"signal {stop_signal.received or 'on another rank'}" if signalled else "--stop-after"
                     monitor.message(f"checkpointed at iteration {self.iteration} ({reason})")
-                    return "preempted" if signalled else "stopped"
+                    return stop_signal.status if signalled else "stopped"
                 if self.iteration % options.checkpoint_every == 0 or self.iteration == stage.iterations:
-                    self.save_checkpoint(loader, phase)
+                    if not self.save_checkpoint(loader, phase):
+                        return self.diverged(monitor, "the weights are not finite")
+            self.bad_samples_before += loader.stats.bad_samples
         return "completed"
 
     def _log(self, monitor: TrainingMonitor, window: list[torch.Tensor], timer: StepTimer,
@@ -524,7 +710,7 @@ class Trainer:
         figures["nonfinite_steps"] = float(nonfinite)
         stats = getattr(loader, "stats", None)
         if stats is not None:
-            figures["bad_samples"] = float(stats.bad_samples)
+            figures["bad_samples"] = float(self.bad_samples_before + stats.bad_samples)  # whole run
             figures["epoch"] = float(loader.epoch)
         self.last_metrics = figures
         monitor.scalars(self.iteration, figures)
@@ -538,15 +724,24 @@ class Trainer:
         monitor.images(self.iteration, frames, gt, predicted)
 
 
-def train(stage: StageConfig, options: TrainOptions) -> TrainResult:
-    """Run one stage (see the module docstring); the process group is torn down afterwards."""
+def train(stage: StageConfig, options: TrainOptions, make_clips: Mapping[str, int] | None = None) -> TrainResult:
+    """Run one stage (see the module docstring); the process group is torn down afterwards.
+
+    The pre-flight (`stcn.preflight`) runs first: every problem of every phase is raised as
+    one PreflightError before anything is written. make_clips: shard set URL -> clips
+    `tools/make_shards plan` would make, for the commands that make missing sets.
+    """
+    plan = check_run(stage, options, world_size_from_env(), make_clips)
+    plan.raise_if_problems()
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return Trainer(stage, options).run()
+        with rank_log(options.run_dir, int(os.environ.get("RANK", 0)), options.rank_logs):
+            return Trainer(stage, options, plan).run()
     finally:
         torch.use_deterministic_algorithms(deterministic)
         distributed.cleanup()
 
 
 __all__ = ["TrainOptions", "TrainResult", "Trainer", "train", "NonFiniteLossError",
-           "PREEMPTED_EXIT_CODE", "NAN_POLICIES", "parse_shard_arguments", "select_objects", "clip_targets", "autocast_dtype"]
+           "PREEMPTED_EXIT_CODE", "NAN_POLICIES", "AMP_MODES", "AmpPolicy", "amp_policy",
+           "parse_shard_arguments", "select_objects", "clip_targets"]

@@ -53,7 +53,8 @@ def test_short_run_learns_and_beats_the_untrained_network(tmp_path):
                            "phases": [{"start": 0.0, "max_skip": 5, "sets": {shard_set: 1.0}}]})
     options = TrainOptions(run_dir=str(tmp_path / "run"), device="cpu", workers=1, crop=SIZE,
                            crop_mode="resize", seed=0, log_every=20, image_every=0,
-                           checkpoint_every=iterations, progress=True)
+                           checkpoint_every=iterations, progress=True,
+                           allow_repeats=True)  # 120 clips streamed ~7 times each
     torch.manual_seed(0)
     untrained = STCN(single_object=False).eval()
     untrained_scores = evaluate_davis(untrained, davis, "val")["scores"]

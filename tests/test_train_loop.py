@@ -27,13 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 
-def write_set(url: str, name: str, clips: int, seed: int, online=None) -> str:
+def write_set(url: str, name: str, clips: int, seed: int, online=None, source="davis", max_skip=5) -> str:
     rng = np.random.default_rng(seed)
     samples = [make_clip(rng, f"{name}{i:03d}-0", size=SIZE, n_objects=1 + i % 3) for i in range(clips)]
     half = clips // 2
     infos = [shards.write_shard(f"{url}/shard-000000.tar", samples[:half]),
              shards.write_shard(f"{url}/shard-000001.tar", samples[half:])]
-    config = {"kind": "synthetic"}
+    config = {"kind": "synthetic", "source": source, "max_skip": max_skip}
     if online is not None:
         config["online"] = online
     shards.write_manifest(url, shards.Manifest(shards=infos, config=config))
@@ -44,10 +44,11 @@ def write_set(url: str, name: str, clips: int, seed: int, online=None) -> str:
 def shard_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     online = {"hflip": {"p": 0.5, "per": "clip"}, "color_jitter_clip": {"brightness": 0.1}}
-    write_set(str(root / "static"), "img", 12, 0)
+    write_set(str(root / "static"), "img", 12, 0, source="static", max_skip=0)
     for source, seed in (("davis", 1), ("youtube", 2)):
         for skip in (5, 10, 25):  # 25: where a 1-iteration published stage 3 starts (see the chain test)
-            write_set(str(root / source / f"skip{skip}"), f"{source}{skip}-", 10, seed + skip, online)
+            write_set(str(root / source / f"skip{skip}"), f"{source}{skip}-", 10, seed + skip, online,
+                      source=source, max_skip=skip)
     return root
 
 
@@ -117,7 +118,7 @@ def test_tensorboard_scalars_and_images(tmp_path, shard_root):
 
 
 def test_stage0_weights_export_and_widen_into_stage3(tmp_path, shard_root):
-    result = train(two_phase_stage(0, iterations=1), options(tmp_path / "s0", shard_root))
+    result = train(two_phase_stage(0, iterations=1), options(tmp_path / "s0", shard_root, from_scratch=True))
     exported = weights(result.weights_path)
     assert result.weights_path.name == "stcn_stage0.pth"
     assert list(exported) == list(STCN(single_object=True).state_dict())
@@ -165,7 +166,7 @@ def test_cli_checkpoints_and_exits_75_on_sigterm_then_resumes(tmp_path, shard_ro
     run_dir = tmp_path / "cli"
     command = [sys.executable, str(REPO / "tools" / "train"), "--stage", "3", "--shards", str(shard_root),
                "--run-dir", str(run_dir), "--iterations", "400", "--batch-size", "1", "--crop", str(SIZE),
-               "--workers", "0", "--device", "cpu", "--no-progress", "--log-every", "1"]
+               "--workers", "0", "--device", "cpu", "--no-progress", "--log-every", "1", "--allow-repeats"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -206,7 +207,7 @@ def test_two_process_gloo_run_and_elastic_resume_in_one_process(tmp_path, shard_
     sets = ["--shards", f"{shard_root}/davis/skip5=5", "--shards", f"{shard_root}/youtube/skip5"]
     common = ["--stage", "3", *sets, "--run-dir", str(run_dir), "--iterations", "3",
               "--batch-size", "1", "--crop", str(SIZE), "--workers", "0", "--device", "cpu",
-              "--no-progress", "--log-every", "1"]
+              "--no-progress", "--log-every", "1", "--allow-repeats"]  # weight 5 repeats clips
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(REPO / "tools" / "train"), *common, "--stop-after", "2"],
@@ -229,7 +230,7 @@ def test_local_chain_runs_stage0_then_stage3_from_its_weights(tmp_path, shard_ro
     runs = tmp_path / "runs"
     command = ["bash", str(REPO / "jobs" / "local" / "chain.sh"), "s03", str(shard_root), str(runs),
                "--iterations", "1", "--batch-size", "1", "--crop", str(SIZE), "--workers", "0",
-               "--device", "cpu", "--no-progress"]
+               "--device", "cpu", "--no-progress", "--from-scratch"]
     env = dict(os.environ, OMP_NUM_THREADS="1", GPUS="1")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr

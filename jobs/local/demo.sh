@@ -89,13 +89,15 @@ for skip in 5 10 15 20 25; do
   shards youtube "$SHARDS/youtube/skip$skip" --clips "$VIDEO_CLIPS" --max-skip "$skip" --subset all
 done
 
-TRAIN=(--shards "$SHARDS" --device "$DEVICE" --crop "$CROP" --crop-mode resize
+# --allow-repeats: the demo's sets are far smaller than its runs stream (each clip is reused);
+# --from-scratch (stage 0): no ImageNet files offline, so stage 0 starts from random weights.
+TRAIN=(--shards "$SHARDS" --device "$DEVICE" --crop "$CROP" --crop-mode resize --allow-repeats
        --workers "$TRAIN_WORKERS" --batch-size "$BATCH" --log-every "$LOG_EVERY" --image-every "$IMAGE_EVERY"
        --checkpoint-every "$CHECKPOINT_EVERY" --keep-last 1 --snapshot-every 0 --resume auto)
 step
 if [ ! -f "$RUNS/s0/stcn_stage0.pth" ]; then
   tools/train --stage 0 --run-dir "$RUNS/s0" --config jobs/local/demo/stage0.yaml \
-    --iterations "$ITERS_STAGE0" "${TRAIN[@]}"
+    --iterations "$ITERS_STAGE0" --from-scratch "${TRAIN[@]}"
 else
   echo "$RUNS/s0: stage 0 already trained"
 fi
