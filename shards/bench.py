@@ -8,23 +8,39 @@ beton:      one epoch of the FFCV loader over the same samples (optional).
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 
 from . import storage
-from .codec import JPEG_DECODER, decode_sample
+from .codec import JPEG_DECODER, SampleDecodeError, decode_sample
 from .manifest import read_manifest
-from .reader import iter_shard
-from .stream import make_loader
+from .reader import ShardError, iter_shard
+from .stream import BadDataWarning, make_loader
 
 # FFCV loaders stay referenced until exit: collecting one earlier makes numba's finalizers
 # print harmless "Exception ignored" tracebacks.
 _KEEP_ALIVE: list = []
 
 
-def _raw_samples(url_dir: str) -> list[dict[str, bytes]]:
-    return [m for info in read_manifest(url_dir).shards
-            for m in iter_shard(storage.join(url_dir, info.name), info, verify=False)]
+def _raw_samples(url_dir: str) -> tuple[list[dict[str, bytes]], int]:
+    """(the samples that decode, how many of the manifest's samples do not)."""
+    raw, bad = [], 0
+    for info in read_manifest(url_dir).shards:
+        read = 0
+        try:
+            for members in iter_shard(storage.join(url_dir, info.name), info, verify=False):
+                read += 1
+                try:
+                    decode_sample(members)
+                except SampleDecodeError:
+                    bad += 1
+                    continue
+                raw.append(members)
+        except ShardError:
+            pass  # a truncated or damaged shard: the samples it lacks count as bad
+        bad += max(0, info.count - read)
+    return raw, bad
 
 
 def decode_floor(raw: list[dict[str, bytes]], batch_size: int, repeats: int = 1) -> float:
@@ -39,9 +55,18 @@ def decode_floor(raw: list[dict[str, bytes]], batch_size: int, repeats: int = 1)
     return repeats * len(raw) / (time.perf_counter() - start)
 
 
+def _loader(url_dir: str, batch_size: int, workers: int, seed: int, verify: bool):
+    # Bad samples are counted (results["bad_samples"]), not fatal: the loader substitutes
+    # duplicates for them, so the set is still measured.
+    return make_loader(url_dir, batch_size, num_workers=workers, seed=seed, verify=verify,
+                       max_bad_fraction=1.0)
+
+
 def _epoch_rate(loader) -> float:
     start = time.perf_counter()
-    clips = sum(len(batch["__key__"]) for batch in loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadDataWarning)  # counted once in the results
+        clips = sum(len(batch["__key__"]) for batch in loader)
     return clips / (time.perf_counter() - start)
 
 
@@ -52,20 +77,21 @@ def run_benchmark(url_dir: str, batch_size: int = 32, workers: int = 2,
 
     The floor and the 1-process loader are measured alternately `repeats` times and the
     best of each kept, so both see the same machine load (shared machines are noisy)."""
-    raw = _raw_samples(url_dir)  # also warms the page cache for the timed runs
+    raw, bad = _raw_samples(url_dir)  # also warms the page cache for the timed runs
     if len(raw) < batch_size:
-        raise ValueError(f"{url_dir}: {len(raw)} samples, fewer than one batch of {batch_size}")
-    results = {"samples": len(raw), "batch_size": batch_size, "jpeg_decoder": JPEG_DECODER,
+        raise ValueError(f"{url_dir}: {len(raw)} readable samples, fewer than one batch of "
+                         f"{batch_size}; lower --batch-size")
+    results = {"samples": len(raw), "bad_samples": bad, "batch_size": batch_size, "jpeg_decoder": JPEG_DECODER,
                "clip_shape": list(decode_sample(raw[0])["frames"].shape), "verify": verify,
                "repeats": repeats, "floor": 0.0, "tar_1_process": 0.0}
     for _ in range(repeats):
         results["floor"] = max(results["floor"], decode_floor(raw, batch_size))
         results["tar_1_process"] = max(results["tar_1_process"], _epoch_rate(
-            make_loader(url_dir, batch_size, num_workers=0, seed=seed, verify=verify)))
+            _loader(url_dir, batch_size, 0, seed, verify)))
     results["ratio"] = results["tar_1_process"] / results["floor"]
     if workers > 0:
         results[f"tar_{workers}_workers"] = max(_epoch_rate(
-            make_loader(url_dir, batch_size, num_workers=workers, seed=seed, verify=verify))
+            _loader(url_dir, batch_size, workers, seed, verify))
             for _ in range(repeats))
     if beton:
         from .ffcv_backend import BetonLoader
@@ -79,7 +105,9 @@ def run_benchmark(url_dir: str, batch_size: int = 32, workers: int = 2,
 
 
 def format_results(results: dict) -> str:
-    lines = [f"{results['samples']} clips {results['clip_shape']}, batch {results['batch_size']}, "
+    lines = [f"{results['samples']} clips {results['clip_shape']}, "
+             f"{results.get('bad_samples', 0)} bad samples (unreadable; the loader substitutes "
+             f"duplicates), batch {results['batch_size']}, "
              f"JPEG decoder {results['jpeg_decoder']}, verify={results['verify']}, "
              f"best of {results['repeats']}"]
     for name, value in results.items():

@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import batch_ring, plan, storage
 from .codec import SampleDecodeError, decode_sample
+from .fetch import DEFAULT_PREFETCH, FetchOptions, ShardFetcher
 from .manifest import ShardInfo, read_manifest
-from .reader import ShardError, iter_shard
+from .reader import ShardError
 
 STATE_VERSION = 1
 DEFAULT_SHUFFLE_BUFFER = 256
@@ -90,6 +91,9 @@ class LoaderStats:
     bad_samples: int = 0    # samples skipped (unreadable or undecodable)
     bad_shards: int = 0     # shard visits that failed (checksum, truncation, missing)
     substituted: int = 0    # batch slots filled with a duplicate of a good sample
+    retries: int = 0        # storage requests retried (transient errors, see shards.storage)
+    downloads: int = 0      # remote shards fetched whole from the store
+    cache_hits: int = 0     # remote shards served by the node-local cache
 
     def __add__(self, other: "LoaderStats") -> "LoaderStats":
         return LoaderStats(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
@@ -147,9 +151,9 @@ class ClipStream(IterableDataset):
     DataLoader worker serves one stream of the current leg."""
 
     def __init__(self, sources: list[_Source], batch_size: int, rank: int, seed: int,
-                 verify: bool, max_bad_fraction: float):
+                 verify: bool, max_bad_fraction: float, fetch: FetchOptions = FetchOptions()):
         self.sources, self.batch_size, self.rank, self.seed = sources, batch_size, rank, seed
-        self.verify, self.max_bad_fraction = verify, max_bad_fraction
+        self.verify, self.max_bad_fraction, self.fetch = verify, max_bad_fraction, fetch
         self.epoch, self.legs, self.remaining = 0, [], None
         self.released: torch.Tensor | None = None  # batch_ring counters, set per pass
         self.ring_size = 0
@@ -200,6 +204,8 @@ class _StreamRun:
         self.order, self.k, self.skip, self.ring, self.worker = order, k, skip, ring, worker
         self.pool = batch_ring.LocalPool() if ring is None else None
         self.stats = LoaderStats()
+        self.fetcher: ShardFetcher | None = None
+        self._retries_before = storage.retry_count()
         self.last_good: dict[str, bytes] | None = None  # raw members: substitutes cost nothing
                                                         # until a bad sample needs one
 
@@ -212,34 +218,44 @@ class _StreamRun:
 
     def _read(self, inputs: np.ndarray) -> Iterator[tuple[int, dict | None, str]]:
         """(input index, members or None, where) for `inputs` in ascending order."""
-        current, tar, next_ordinal, broken = None, None, 0, False
-        for i in inputs:
-            visit = int(self.visit_of[i])
-            url, info, first = self._shard_url(visit)
-            want = int(self.ordinal[i]) + first
-            if visit != current:
-                if tar is not None:
-                    tar.close()
-                current, next_ordinal, broken = visit, 0, False
-                tar = iter_shard(url, info, self.ds.verify)
-            if not broken:
-                try:
-                    members = None
-                    while next_ordinal <= want:
-                        members = next(tar)
-                        next_ordinal += 1
-                    yield i, members, f"shard {url} key {members['__key__']}"
-                    continue
-                except StopIteration:
-                    broken = True
-                    self._shard_failed(f"shard {url}: holds fewer samples than the manifest's "
-                                       f"{info.count}")
-                except ShardError as err:
-                    broken = True
-                    self._shard_failed(str(err))
-            yield i, None, f"shard {url} sample #{want}"
-        if tar is not None:
-            tar.close()
+        # the shard visits in reading order are known up front: the fetcher works ahead
+        visits = self.visit_of[inputs]
+        firsts = np.flatnonzero(np.r_[True, visits[1:] != visits[:-1]]) if len(visits) else []
+        self.fetcher = ShardFetcher([self._shard_url(int(v))[:2] for v in visits[firsts]],
+                                    self.ds.verify, self.ds.fetch, self.ds.fetch.cache())
+        try:
+            opened = 0
+            current, tar, next_ordinal, broken = None, None, 0, False
+            for i in inputs:
+                visit = int(self.visit_of[i])
+                url, info, first = self._shard_url(visit)
+                want = int(self.ordinal[i]) + first
+                if visit != current:
+                    if tar is not None:
+                        tar.close()
+                    current, next_ordinal, broken = visit, 0, False
+                    tar = self.fetcher.open(opened)
+                    opened += 1
+                if not broken:
+                    try:
+                        members = None
+                        while next_ordinal <= want:
+                            members = next(tar)
+                            next_ordinal += 1
+                        yield i, members, f"shard {url} key {members['__key__']}"
+                        continue
+                    except StopIteration:
+                        broken = True
+                        self._shard_failed(f"shard {url}: holds fewer samples than the manifest's "
+                                           f"{info.count}")
+                    except ShardError as err:
+                        broken = True
+                        self._shard_failed(str(err))
+                yield i, None, f"shard {url} sample #{want}"
+            if tar is not None:
+                tar.close()
+        finally:
+            self.fetcher.close()
 
     def _shard_failed(self, message: str) -> None:
         self.stats.bad_shards += 1
@@ -296,10 +312,17 @@ class _StreamRun:
             if bad_slots and self.last_good is None:
                 self._look_ahead_for_a_good_sample(reader, held)
             self._fill_bad_slots(bad_slots, tensors, buffers, frames, masks, metas, keys)
+            self._count_fetches()
             yield {"frames": tensors["frames"], "masks": tensors["masks"],
                    "meta": metas, "__key__": keys,
                    "_stream": self.k, "_stream_batch": j, "_stats": asdict(self.stats),
                    "_worker": self.worker}
+
+    def _count_fetches(self) -> None:
+        self.stats.retries = storage.retry_count() - self._retries_before
+        if self.fetcher is not None:
+            self.stats.downloads = self.fetcher.stats.downloads
+            self.stats.cache_hits = self.fetcher.stats.cache_hits
 
     def _batch_array(self, tensors: dict, buffers: dict | None, name: str, shape: tuple
                      ) -> np.ndarray:
@@ -527,7 +550,9 @@ def make_loader(sources: str | ShardSource | Sequence, batch_size: int,
                 rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                 seed: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                 verify: bool = True, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-                pin_memory: bool = False, prefetch_factor: int | None = None) -> ClipLoader:
+                pin_memory: bool = False, prefetch_factor: int | None = None,
+                prefetch: int = DEFAULT_PREFETCH, cache_dir: str | None = None,
+                cache_limit: int | str | None = None) -> ClipLoader:
     """The streaming loader of one rank over one or several weighted shard sets.
 
     sources: URL, ShardSource, or a list of them / of (url, weight) pairs; a ShardSource
@@ -538,6 +563,10 @@ def make_loader(sources: str | ShardSource | Sequence, batch_size: int,
         (reads the shard whole into memory first); False streams it.
     max_bad_fraction: stop with BadDataError when more than this fraction of a worker's
         planned samples were bad.
+    prefetch: remote shards each worker fetches ahead, in background threads.
+    cache_dir / cache_limit: a node-local cache of remote shards (bytes, or "20GB"),
+        shared by every rank and worker of the node (see shards.cache).
+    Neither changes which samples are read or their order.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -548,6 +577,9 @@ def make_loader(sources: str | ShardSource | Sequence, batch_size: int,
     for s in _as_sources(sources):
         manifest = read_manifest(s.url)
         resolved.append(_Source.of(s, manifest.shards))
-    dataset = ClipStream(resolved, batch_size, rank, seed, verify, max_bad_fraction)
+    from .cache import parse_size
+    fetch = FetchOptions(prefetch, cache_dir,
+                         parse_size(cache_limit) if cache_limit is not None else None)
+    dataset = ClipStream(resolved, batch_size, rank, seed, verify, max_bad_fraction, fetch)
     return ClipLoader(dataset, world_size, num_workers, shuffle_buffer, pin_memory,
                       prefetch_factor if num_workers > 0 else None)
