@@ -1,12 +1,11 @@
-"""Reading one tar shard as a stream of sample member groups, through fsspec.
+"""Reading one tar shard as a stream of sample member groups, through shards.storage.
 
 webdataset's tar iteration expects URLs it opens itself (or shell pipes); here the shard is
-opened with fsspec and parsed by a small streaming tar reader (`iter_tar`), so every
-fsspec URL works and a broken shard surfaces as a `ShardError` naming the shard.
+opened through shards.storage (any URL it reads, requests retried) and parsed by a small
+streaming tar reader (`iter_tar`), so a broken shard surfaces as a `ShardError` naming it.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 from typing import Iterator
 
@@ -92,15 +91,11 @@ def iter_tar(fileobj) -> Iterator[tuple[str, bytes]]:
 
 def _open_checked(url: str, info: ShardInfo | None, verify: bool):
     if verify and info is not None:
-        data = storage.read_bytes(url)
-        if len(data) != info.bytes:
-            raise ShardError(f"shard {url}: {len(data)} bytes, manifest says {info.bytes} "
-                             "(truncated or rewritten shard)")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.sha256:
-            raise ShardError(f"shard {url}: sha256 {digest[:12]}... does not match the "
-                             f"manifest's {info.sha256[:12]}... (corrupt or rewritten shard)")
-        return io.BytesIO(data)
+        try:
+            # a remote mismatch is re-fetched first (a body cut short in transit)
+            return io.BytesIO(storage.read_verified(url, info.bytes, info.sha256))
+        except storage.ChecksumError as err:
+            raise ShardError(str(err)) from None
     return storage.open_read(url)
 
 
@@ -115,7 +110,9 @@ def iter_shard(url: str, info: ShardInfo | None = None, verify: bool = True,
     try:
         fileobj = io.BytesIO(data) if data is not None else _open_checked(url, info, verify)
     except FileNotFoundError:
-        raise ShardError(f"shard {url}: not found") from None
+        raise ShardError(f"shard {storage.redact(url)}: not found") from None
+    except storage.StorageError as err:  # retries exhausted, or a permanent error
+        raise ShardError(f"shard {err}") from None
     current: dict[str, bytes] | None = None
     failure = None
     try:

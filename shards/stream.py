@@ -223,39 +223,37 @@ class _StreamRun:
         firsts = np.flatnonzero(np.r_[True, visits[1:] != visits[:-1]]) if len(visits) else []
         self.fetcher = ShardFetcher([self._shard_url(int(v))[:2] for v in visits[firsts]],
                                     self.ds.verify, self.ds.fetch, self.ds.fetch.cache())
-        try:
-            opened = 0
-            current, tar, next_ordinal, broken = None, None, 0, False
-            for i in inputs:
-                visit = int(self.visit_of[i])
-                url, info, first = self._shard_url(visit)
-                want = int(self.ordinal[i]) + first
-                if visit != current:
-                    if tar is not None:
-                        tar.close()
-                    current, next_ordinal, broken = visit, 0, False
-                    tar = self.fetcher.open(opened)
-                    opened += 1
-                if not broken:
-                    try:
-                        members = None
-                        while next_ordinal <= want:
-                            members = next(tar)
-                            next_ordinal += 1
-                        yield i, members, f"shard {url} key {members['__key__']}"
-                        continue
-                    except StopIteration:
-                        broken = True
-                        self._shard_failed(f"shard {url}: holds fewer samples than the manifest's "
-                                           f"{info.count}")
-                    except ShardError as err:
-                        broken = True
-                        self._shard_failed(str(err))
-                yield i, None, f"shard {url} sample #{want}"
-            if tar is not None:
-                tar.close()
-        finally:
-            self.fetcher.close()
+        opened = 0
+        current, tar, next_ordinal, broken = None, None, 0, False
+        for i in inputs:
+            visit = int(self.visit_of[i])
+            url, info, first = self._shard_url(visit)
+            want = int(self.ordinal[i]) + first
+            if visit != current:
+                if tar is not None:
+                    tar.close()
+                current, next_ordinal, broken = visit, 0, False
+                tar = self.fetcher.open(opened)
+                opened += 1
+            if not broken:
+                try:
+                    members = None
+                    while next_ordinal <= want:
+                        members = next(tar)
+                        next_ordinal += 1
+                    yield i, members, f"shard {url} key {members['__key__']}"
+                    continue
+                except StopIteration:
+                    broken = True
+                    self._shard_failed(f"shard {url}: holds fewer samples than the manifest's "
+                                       f"{info.count}")
+                except ShardError as err:
+                    broken = True
+                    self._shard_failed(str(err))
+            yield i, None, f"shard {url} sample #{want}"
+        if tar is not None:
+            tar.close()
+        self.fetcher.close()  # (an abandoned stream's shards are released when collected)
 
     def _shard_failed(self, message: str) -> None:
         self.stats.bad_shards += 1
