@@ -39,6 +39,7 @@ import cv2
 
 import shards
 from shards import console, storage
+from shards.lease import Lease
 
 from pipelines.augment import (BL30K_AUGMENT, ONLINE_STATIC, ONLINE_VIDEO, STATIC_AUGMENT,
                                VIDEO_AUGMENT)
@@ -269,15 +270,27 @@ def _video_clips(args) -> list[dict[str, bytes]]:
 def _remove_stale_temps(out: str, mine) -> None:
     """Delete temporary files a killed run left for this task's shards and records (atomic
     writes go through hidden `.NAME.tmp-*` files, see shards.storage); `mine(stem)` says
-    whether a target belongs to this task."""
+    whether a target belongs to this task. Called under the set's lease (shards.lease), so
+    their writer is dead: a live one would hold the lease, or be this very job's other
+    task, whose units `mine` excludes."""
     fs, path = storage.filesystem(out)
+    removed = 0
     for directory in (path, storage.join(path, PARTS)):
         if not fs.isdir(directory):
             continue
         for entry in fs.ls(directory, detail=False):
-            match = re.fullmatch(r"\.(.+?)\.(tar|json)\.tmp-[0-9a-f]+", entry.rsplit("/", 1)[-1])
+            target = storage.temp_target(entry.rsplit("/", 1)[-1])
+            match = re.fullmatch(r"(.+)\.(tar|json)", target or "")
             if match and mine(match.group(1)):
                 fs.rm(entry)
+                removed += 1
+    if removed:
+        print(f"make_shards: removed {removed} temporary file(s) in {out} left by a killed run",
+              file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"make_shards: warning: {message}", file=sys.stderr)
 
 
 def run_job(job: JobConfig, workers: int = 1, task: Task | None = None,
@@ -287,26 +300,29 @@ def run_job(job: JobConfig, workers: int = 1, task: Task | None = None,
     task = task or Task()
     plan = make_plan(job)
     units = [u for u in range(plan.num_units()) if u % task.count == task.index]
-    ctx = multiprocessing.get_context("fork")
-    counter = ctx.Value("q", 0)
-    pool = ctx.Pool(workers, _init_worker, (plan, counter)) if workers > 1 else None
-    if pool is None:
-        _init_worker(plan, counter)
-    try:
-        if plan.from_archives:
-            infos = _run_archives(plan, units, pool, workers, counter, progress)
-        else:
-            infos = _run_listed(plan, units, pool, counter, progress)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    try:
-        merge(job.out)
-    except JobError as err:
-        print(f"make_shards: task {task.index} of {task.count} done; {err}: the last task to "
-              f"finish writes manifest.json (or run `tools/make_shards merge {job.out}` once "
-              "every task has ended)", file=sys.stderr)
+    # One job per shard set: a second one stops here, naming the holder, before it touches
+    # anything (shards.lease); array tasks of one SLURM job share the lease.
+    with Lease(job.out, log=_warn):
+        ctx = multiprocessing.get_context("fork")
+        counter = ctx.Value("q", 0)
+        pool = ctx.Pool(workers, _init_worker, (plan, counter)) if workers > 1 else None
+        if pool is None:
+            _init_worker(plan, counter)
+        try:
+            if plan.from_archives:
+                infos = _run_archives(plan, units, pool, workers, counter, progress)
+            else:
+                infos = _run_listed(plan, units, pool, counter, progress)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        try:
+            merge(job.out)
+        except JobError as err:
+            print(f"make_shards: task {task.index} of {task.count} done; {err}: the last task to "
+                  f"finish writes manifest.json (or run `tools/make_shards merge {job.out}` once "
+                  "every task has ended)", file=sys.stderr)
     return infos
 
 
