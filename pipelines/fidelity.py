@@ -26,8 +26,10 @@ import contextlib
 import io
 import json
 import math
-import multiprocessing
+import os
+import subprocess
 import sys
+import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from shards import console
 
 from pipelines.driver import JobConfig, make_clip, make_plan
 from pipelines.synthetic import make_synthetic
@@ -151,7 +154,8 @@ def ours_records(scenario: Scenario, root: Path, clips: int, seed: int = 0,
     items = plan.source.items if scenario.kind == "static" else plan.source.videos
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     records = []
-    for i in tqdm(range(clips), desc=f"ours {scenario.label}", disable=not progress):
+    for i in console.progress(range(clips), desc=f"ours {scenario.label}", unit="clip",
+                              enabled=progress):
         clip = make_clip(plan, i % len(items), i // len(items))
         meta = clip["meta"]
         target, second = _ours_target(clip["masks"], meta["objects"], rng)
@@ -227,27 +231,38 @@ def _published_record(dataset, sample: dict, kind: str) -> dict:
 def published_records(checkout: str, scenario: Scenario, root: Path, clips: int, seed: int = 0,
                       torchvision_dir: str | None = None, thinplate_dir: str | None = None,
                       progress: bool = False) -> list[dict]:
-    """Records of `clips` clips of the published loader; runs in a fresh process (the
-    published code's imports and global seeds stay out of this one)."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_published_worker, (checkout, scenario, str(root), clips, seed,
-                                              torchvision_dir, thinplate_dir, progress))
+    """Records of `clips` clips of the published loader, drawn in a fresh Python process
+    (`python -m pipelines.fidelity`): the published code's imports and global seeds stay
+    out of this one."""
+    request = {"checkout": str(checkout), "kind": scenario.kind, "max_skip": scenario.max_skip,
+               "root": str(root), "clips": clips, "seed": seed, "progress": progress,
+               "torchvision_dir": torchvision_dir, "thinplate_dir": thinplate_dir}
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "records.json"
+        done = subprocess.run([sys.executable, "-m", "pipelines.fidelity", json.dumps(request),
+                               str(out)], env=env, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"the published loader failed on {scenario.label} (exit "
+                               f"{done.returncode}; its error is printed above)")
+        return json.loads(out.read_text())
 
 
-def _published_worker(checkout, scenario, root, clips, seed, torchvision_dir, thinplate_dir,
-                      progress) -> list[dict]:
+def _published_worker(checkout, kind, max_skip, root, clips, seed, torchvision_dir,
+                      thinplate_dir, progress) -> list[dict]:
     import torch
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)
     classes = _import_published(checkout, torchvision_dir, thinplate_dir)
+    scenario = Scenario(kind, max_skip)
     dataset = _published_dataset(scenario, Path(root), classes)
     np.random.seed(seed)  # it draws from numpy's global generator and reseeds torch/random
     records = []
-    for i in tqdm(range(clips), desc=f"published {scenario.label}", disable=not progress):
+    for i in console.progress(range(clips), desc=f"published {scenario.label}", unit="clip",
+                              enabled=progress):
         sample = dataset[i % len(dataset)]
-        inner = dataset.datasets[0] if scenario.kind == "static" else dataset
-        records.append(_published_record(inner, sample, scenario.kind))
+        records.append(_published_record(dataset, sample, kind))
     return records
 
 
@@ -383,9 +398,10 @@ def report(scenario: Scenario, pub: list[dict] | None, ours: list[dict],
 def run_fidelity(workdir, clips: int, published: str | None = None,
                  scenarios=SCENARIOS, torchvision_dir: str | None = None,
                  thinplate_dir: str | None = None, seed: int = 0, z: float = DEFAULT_Z,
-                 size: tuple[int, int] | None = None, progress: bool = True,
-                 echo=print) -> dict:
-    """Run both loaders on every scenario and echo the tables; returns
+                 size: tuple[int, int] | None = None, static_clips: int | None = None,
+                 progress: bool = True, echo=print) -> dict:
+    """Run both loaders on every scenario (`clips` clips each, `static_clips` for static
+    when given) and echo the tables; returns
     {scenario label: {"published": records or None, "ours": records}}."""
     roots = prepare_data(workdir, [s.kind for s in scenarios], size=size, seed=seed,
                          progress=progress)
@@ -397,10 +413,16 @@ def run_fidelity(workdir, clips: int, published: str | None = None,
     results = {}
     for scenario in scenarios:
         root = roots[scenario.kind]
-        pub = (published_records(published, scenario, root, clips, seed, torchvision_dir,
+        count = static_clips if scenario.kind == "static" and static_clips else clips
+        pub = (published_records(published, scenario, root, count, seed, torchvision_dir,
                                  thinplate_dir, progress) if published else None)
-        ours = ours_records(scenario, root, clips, seed, progress)
+        ours = ours_records(scenario, root, count, seed, progress)
         for line in report(scenario, pub, ours, z):
             echo(line)
         results[scenario.label] = {"published": pub, "ours": ours}
     return results
+
+
+if __name__ == "__main__":  # the published loader's process (see published_records)
+    _request = json.loads(sys.argv[1])
+    Path(sys.argv[2]).write_text(json.dumps(_published_worker(**_request)))
