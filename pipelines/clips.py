@@ -19,8 +19,9 @@ import numpy as np
 
 from pipelines.augment import StaticAugment, VideoAugment, augment_static, augment_video
 from pipelines.sampling import TripletSampler, eligible_objects
-from pipelines.sources import (FrameStore, StaticItem, StaticSource, Video, decode_binary_mask,
-                               decode_ids, decode_image)
+from pipelines.sources import (FrameStore, StaticItem, StaticSource, Video, decode_ids,
+                               decode_image)
+from pipelines.sources.base import decode_gray_mask
 
 #: Frame triplets tried per clip before settling for one with no eligible object (published: 5).
 ATTEMPTS = 5
@@ -51,6 +52,30 @@ def clip_order(seed: int, kind: str, count: int, start: int, stop: int) -> list[
             for i in range(start, stop)]
 
 
+def _check_size(store, video: Video, name: str, image: np.ndarray, mask: np.ndarray,
+                first: np.ndarray, first_name: str, kind: str) -> None:
+    """A mask must match its frame, and frames of one video one another: a clear error
+    naming the video and the files otherwise."""
+    def files(frame):
+        if hasattr(store, "image_dir"):
+            return (store.image_dir / video.name / f"{frame}.jpg",
+                    store.mask_dir / video.name / f"{frame}.png")
+        return f"{frame}.jpg", f"{frame}.png"
+
+    def size(array):
+        return f"{array.shape[1]}x{array.shape[0]}"
+
+    jpg, png = files(name)
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"{kind} video {video.name}: mask {png} is {size(mask)} but its frame "
+                         f"{jpg} is {size(image)}; masks must have their frame's size "
+                         "(re-export that annotation)")
+    if image.shape[:2] != first.shape[:2]:
+        raise ValueError(f"{kind} video {video.name}: frame {jpg} is {size(image)} but frame "
+                         f"{files(first_name)[0]} is {size(first)}; frames of one video must "
+                         "share one size")
+
+
 def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, seed: int,
                     max_skip: int, frame_step: int, aug: VideoAugment, size_rule: bool) -> dict:
     """Round `round_` clip of `video`: a triplet with gaps up to max_skip raw frames
@@ -67,6 +92,7 @@ def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, 
                 jpg, png = store.read(video.name, name)
                 where = f"{kind} video {video.name} frame {name}"
                 decoded[name] = decode_image(jpg, where), decode_ids(png, where)
+                _check_size(store, video, name, *decoded[name], decoded[names[0]][0], names[0], kind)
         frames, masks, params = augment_video(rng, [decoded[n][0] for n in names],
                                               [decoded[n][1] for n in names], aug)
         objects = eligible_objects(masks, size_rule)
@@ -81,17 +107,18 @@ def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, 
 
 def make_static_clip(source: StaticSource, item: StaticItem, round_: int, *, seed: int,
                      aug: StaticAugment) -> dict:
-    """Round `round_` pseudo clip of a static image (single object, id 1)."""
+    """Round `round_` pseudo clip of a static image (single object, id 1), with its 8-bit
+    soft masks ("soft": frame 0's is what the value encoder sees, as published)."""
     rng = clip_rng(seed, "static", item.name, round_)
     jpg, png = source.read(item)
     image = decode_image(jpg, str(item.image))
-    mask = decode_binary_mask(png, str(item.mask))
+    mask = decode_gray_mask(png, str(item.mask))
     if mask.shape != image.shape[:2]:
         raise ValueError(f"{item.mask}: mask is {mask.shape}, image {item.image} is "
                          f"{image.shape[:2]}")
-    frames, masks, params = augment_static(rng, image, mask, aug)
+    frames, masks, soft, params = augment_static(rng, image, mask, aug)
     meta = {"source": "static", "video": item.name, "frames": [item.image.name] * 3,
             "frame_index": [0, 0, 0], "max_skip": 0, "seed": seed, "round": round_,
             "objects": eligible_objects(masks), "augment": params}
     return {"__key__": clip_key(item.name, round_), "frames": frames, "masks": masks,
-            "meta": meta}
+            "soft": soft, "meta": meta}

@@ -155,6 +155,13 @@ def make_plan(job: JobConfig) -> Plan:
         online = ONLINE_VIDEO
         items = ({"archives": [archive_name(a) for a in source]} if plan.from_archives
                  else {"videos": len(source.videos)})
+        too_short = list(getattr(source, "too_short", ()))
+        if not plan.from_archives:
+            items["too_short_videos"] = too_short  # recorded in the manifest's config
+        if too_short:
+            _warn(f"{len(too_short)} listed video(s) of {job.source} have fewer than 3 frames "
+                  f"and are left out (no triplet fits): {', '.join(too_short[:10])}"
+                  + (", ..." if len(too_short) > 10 else ""))
         if job.kind in ("davis", "youtube"):  # which videos, not where the list file was
             items["subset"] = job.subset if job.subset in ("published", "all") else "file"
             items["video_names_sha256"] = hashlib.sha256(

@@ -71,9 +71,21 @@ class Manifest:
                                 f"version {FORMAT_VERSION}; regenerate the shards or update "
                                 "the code")
         names = [s.name for s in manifest.shards]
+        unsafe = [n for n in names if not _safe_name(n)]
+        if unsafe:
+            raise ManifestError(f"{where}: shard name {unsafe[0]!r} leaves the set's directory "
+                                "(absolute, a URL, or with '..'); shard names must be relative "
+                                "paths inside it. Was the manifest edited or crafted?")
         if len(set(names)) != len(names):
             raise ManifestError(f"{where}: lists a shard twice")
         return manifest
+
+
+def _safe_name(name: str) -> bool:
+    """A shard name that stays inside the set's directory: relative, no '..', no scheme."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith(("/", "~")) and "://" not in name \
+        and ":" not in parts[0] and ".." not in parts and "" not in parts
 
 
 def manifest_url(url_dir: str) -> str:

@@ -34,6 +34,8 @@ class VideoTree:
     videos: list[Video]
     #: raw frames between consecutive listed frames (YouTubeVOS lists every 5th frame)
     frame_step: int = 1
+    #: listed videos left out because no triplet fits (fewer than 3 frames)
+    too_short: tuple[str, ...] = ()
 
     def read(self, video: str, frame: str) -> tuple[bytes, bytes]:
         return ((self.image_dir / video / f"{frame}.jpg").read_bytes(),
@@ -44,10 +46,11 @@ def _scan(kind: str, image_dir: Path, mask_dir: Path, names: list[str] | None,
           layout: str, frame_step: int = 1) -> VideoTree:
     if names is None:
         names = list_dir(image_dir, layout)
-    videos = []
+    videos, too_short = [], []
     for name in names:
         frames = [f[:-4] for f in list_dir(image_dir / name, layout) if f.lower().endswith(".jpg")]
-        if len(frames) < 3:  # no triplet fits (published rule)
+        if len(frames) < 3:  # no triplet fits (published rule); reported by the job
+            too_short.append(name)
             continue
         masks = set(list_dir(mask_dir / name, layout))
         missing = [f for f in frames if f"{f}.png" not in masks]
@@ -57,7 +60,7 @@ def _scan(kind: str, image_dir: Path, mask_dir: Path, names: list[str] | None,
         videos.append(Video(name, tuple(frames)))
     if not videos:
         raise LayoutError(image_dir, "no video with at least 3 frames", layout)
-    return VideoTree(kind, image_dir, mask_dir, videos, frame_step)
+    return VideoTree(kind, image_dir, mask_dir, videos, frame_step, tuple(too_short))
 
 
 def read_list(path) -> list[str]:
