@@ -59,9 +59,9 @@ def youtube_runs(eval_cli, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("youtube-out")
     root = data / "youtube"
     # Processing at a shorter side of 16 makes the resize back to 32x64 observable.
-    result = run(eval_cli, "youtube", "--root", root, "--output", out / "meta", "--resolution", "16")
+    result = run(eval_cli, "youtube", "--root", root, "--out", out / "meta", "--resolution", "16")
     assert result.exit_code == 0, result.output
-    result = run(eval_cli, "youtube", "--root", root, "--output", out / "all", "--resolution", "0",
+    result = run(eval_cli, "youtube", "--root", root, "--out", out / "all", "--resolution", "0",
                  "--output-all")
     assert result.exit_code == 0, result.output
     return out
@@ -78,7 +78,7 @@ def pngs(folder: Path):
 
 def test_davis_val_writes_palette_pngs_and_scores(eval_cli, data, tmp_path):
     out = tmp_path / "out"
-    result = run(eval_cli, "davis", "--root", data / "davis", "--output", out)
+    result = run(eval_cli, "davis", "--root", data / "davis", "--out", out)
     assert result.exit_code == 0, result.output
     assert "RANDOM weights" in result.output and "FPS" in result.output
     video_dir = next(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -95,10 +95,10 @@ def test_davis_val_writes_palette_pngs_and_scores(eval_cli, data, tmp_path):
 
 
 def test_davis_2016_and_test_dev(eval_cli, data, tmp_path):
-    result = run(eval_cli, "davis", "--root", data / "davis", "--year", "2016", "--output", tmp_path / "a")
+    result = run(eval_cli, "davis", "--root", data / "davis", "--year", "2016", "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "a/results.json").read_text())["scores"] is not None
-    result = run(eval_cli, "davis", "--root", data / "davis", "--split", "test-dev", "--output", tmp_path / "b")
+    result = run(eval_cli, "davis", "--root", data / "davis", "--split", "test-dev", "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "b/results.json").read_text())
     assert summary["scores"] is None and summary["inference"]["mem_every"] == 3
@@ -145,6 +145,7 @@ def test_score_youtube_against_ground_truth(eval_cli, data, youtube_runs, tmp_pa
     result = run(eval_cli, "score", "--gt", data / "youtube/valid_ground_truth/Annotations",
                  "--pred", youtube_runs / "all/Annotations", "--keep-first-last", "--json-out", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
+    assert "--json-out is deprecated" in result.output and "use --out" in result.output
     scores = json.loads((tmp_path / "s.json").read_text())
     assert scores["skip_first_and_last"] is False and scores["objects"] == 2
     assert 0 <= scores["J&F"] <= 100
@@ -156,7 +157,7 @@ def test_generic_folder(eval_cli, data, tmp_path):
     shutil.copytree(src / "JPEGImages/480p" / video, tmp_path / "in/JPEGImages/clip")
     (tmp_path / "in/Annotations/clip").mkdir(parents=True)
     shutil.copy(src / "Annotations/480p" / video / "00000.png", tmp_path / "in/Annotations/clip")
-    result = run(eval_cli, "generic", "--root", tmp_path / "in", "--output", tmp_path / "out", "--resolution", "0")
+    result = run(eval_cli, "generic", "--root", tmp_path / "in", "--out", tmp_path / "out", "--resolution", "0")
     assert result.exit_code == 0, result.output
     assert pngs(tmp_path / "out/clip") == ["00000.png", "00001.png", "00002.png", "00003.png"]
 
@@ -170,7 +171,7 @@ def test_in_process_api_and_first_frame_baseline(data, net):
 
 
 def test_rerun_reuses_finished_videos_and_refuses_other_settings(eval_cli, data, tmp_path):
-    args = ["davis", "--root", data / "davis", "--output", tmp_path]
+    args = ["davis", "--root", data / "davis", "--out", tmp_path]
     assert run(eval_cli, *args).exit_code == 0
     result = run(eval_cli, *args)
     assert result.exit_code == 0 and "reused 1 finished videos" in result.output
@@ -217,7 +218,7 @@ def test_missing_first_frame_mask(eval_cli, davis_copy, tmp_path):
     root, tree, video = davis_copy
     missing = tree / "Annotations/480p" / video / "00000.png"
     missing.unlink()
-    result = run(eval_cli, "davis", "--root", root, "--output", tmp_path / "o")
+    result = run(eval_cli, "davis", "--root", root, "--out", tmp_path / "o")
     assert result.exit_code != 0 and str(missing) in result.output and "first-frame mask" in result.output
 
 
@@ -226,7 +227,7 @@ def test_mask_size_mismatch(eval_cli, davis_copy, tmp_path):
     mask = tree / "Annotations/480p" / video / "00000.png"
     image = Image.open(mask)
     image.resize((20, 10)).save(mask)
-    result = run(eval_cli, "davis", "--root", root, "--output", tmp_path / "o")
+    result = run(eval_cli, "davis", "--root", root, "--out", tmp_path / "o")
     assert result.exit_code != 0 and str(mask) in result.output and "does not match" in result.output
     assert not (tmp_path / "o/FINISHED").exists()
 
@@ -236,19 +237,19 @@ def test_empty_video_folder(eval_cli, davis_copy, tmp_path):
     folder = tree / "JPEGImages/480p" / video
     for frame in folder.iterdir():
         frame.unlink()
-    result = run(eval_cli, "davis", "--root", root, "--output", tmp_path / "o")
+    result = run(eval_cli, "davis", "--root", root, "--out", tmp_path / "o")
     assert result.exit_code != 0 and str(folder) in result.output and "empty video folder" in result.output
 
 
 def test_checkpoint_with_wrong_keys(eval_cli, data, tmp_path):
     checkpoint = tmp_path / "wrong.pth"
     torch.save({"not_a_stcn_key": torch.zeros(1)}, checkpoint)
-    result = run(eval_cli, "davis", "--root", data / "davis", "--output", tmp_path / "o", "--model", checkpoint)
+    result = run(eval_cli, "davis", "--root", data / "davis", "--out", tmp_path / "o", "--model", checkpoint)
     assert result.exit_code != 0 and str(checkpoint) in result.output
 
 
 def test_amp_refused_on_cpu(eval_cli, data, tmp_path):
-    result = run(eval_cli, "davis", "--root", data / "davis", "--output", tmp_path / "o", "--amp",
+    result = run(eval_cli, "davis", "--root", data / "davis", "--out", tmp_path / "o", "--amp",
                  "--device", "cpu")
     assert result.exit_code != 0 and "CUDA only" in result.output
 
@@ -260,3 +261,89 @@ def test_score_reports_missing_prediction(eval_cli, data, tmp_path):
     Image.open(gt / video / "00000.png").save(tmp_path / video / "00000.png")
     result = run(eval_cli, "score", "--gt", gt, "--pred", tmp_path)
     assert result.exit_code != 0 and "predicted mask missing" in result.output
+
+
+# -- reuse keyed on content, J&F both ways, per-video CSV --------------------------------------
+
+def test_reuse_needs_the_same_weights_content_and_inputs(data, net, tmp_path):
+    """Other weights under the same label are refused (named), a video whose input files
+    changed is segmented again, an unchanged rerun reuses."""
+    import copy
+
+    eval_set = evaluation.davis(data / "davis")
+    evaluation.run_evaluation(net, eval_set, tmp_path, weights="stcn.pth", progress=False)
+    assert evaluation.run_evaluation(net, eval_set, tmp_path, weights="stcn.pth",
+                                     progress=False)["reused_videos"] == [v.name for v in eval_set.videos]
+    retrained = copy.deepcopy(net)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1e-3)
+    with pytest.raises(evaluation.DatasetError, match="network weights"):
+        evaluation.run_evaluation(retrained, eval_set, tmp_path, weights="stcn.pth", progress=False)
+    assert evaluation.network_sha256(retrained) != evaluation.network_sha256(net)
+
+    root = tmp_path / "moved"
+    shutil.copytree(data / "davis", root)
+    moved = evaluation.davis(root)
+    assert evaluation.run_evaluation(net, moved, tmp_path, weights="stcn.pth",
+                                     progress=False)["reused_videos"], "same bytes elsewhere: reused"
+    frame = moved.videos[0].frames[1]
+    pixels = np.array(Image.open(frame))
+    Image.fromarray(255 - pixels).save(frame)
+    assert evaluation.run_evaluation(net, moved, tmp_path, weights="stcn.pth",
+                                     progress=False)["reused_videos"] == []
+
+
+def _write_masks(folder: Path, masks):
+    folder.mkdir(parents=True)
+    for i, mask in enumerate(masks):
+        Image.fromarray(mask.astype(np.uint8)).save(folder / f"{i:05d}.png")
+
+
+def test_jf_without_empty_frames_and_what_was_left_out(tmp_path):
+    """Object 1 is in 2 of 10 frames and missed there; the standard J counts the 8 frames
+    where it is absent from both masks as perfect (80), the second figure leaves them out
+    (0). The standard figures equal vos-benchmark's own."""
+    from vos_benchmark.benchmark import VideoEvaluator
+
+    gt, pred = [], []
+    for t in range(10):
+        g = np.zeros((24, 24), np.uint8)
+        p = np.zeros((24, 24), np.uint8)
+        g[2:20, 2:10] = 2                 # object 2: always there, found exactly
+        p[2:20, 2:10] = 2
+        if t < 2:
+            g[4:10, 14:20] = 1            # object 1: only at the start, predicted elsewhere
+            p[16:22, 14:20] = 1
+        gt.append(g)
+        pred.append(p)
+    _write_masks(tmp_path / "gt/sparse", gt)
+    _write_masks(tmp_path / "pred/sparse", pred)
+    scores = evaluation.score_predictions(tmp_path / "gt", tmp_path / "pred", skip_first_and_last=False)
+    one = scores["per_video"]["sparse"]["objects"][1]
+    assert one["J"] == pytest.approx(80.0) and one["J_without_empty"] == pytest.approx(0.0)
+    assert (one["frames"], one["empty_frames"]) == (10, 8)
+    assert scores["J"] == pytest.approx(90.0) and scores["without_empty"]["J"] == pytest.approx(50.0)
+    assert scores["left_out"]["object_frames"] == 8 and scores["left_out"]["of"] == 20
+    _, iou, boundary = VideoEvaluator(str(tmp_path / "gt"), str(tmp_path / "pred"), False)("sparse")
+    for obj, figures in scores["per_video"]["sparse"]["objects"].items():
+        assert figures["J"] == pytest.approx(iou[obj]) and figures["F"] == pytest.approx(boundary[obj])
+    table = evaluation.format_scores(scores)
+    assert "sparse" in table and "without the 8 of 20 scored object-frames" in table
+
+
+def test_eval_prints_per_video_table_and_writes_it_as_csv(eval_cli, data, tmp_path):
+    import csv
+
+    result = run(eval_cli, "davis", "--root", data / "davis", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "results.json").read_text())
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["video"] for r in rows] == list(summary["per_video"])
+    for row in rows:
+        scores = summary["scores"]["per_video"][row["video"]]
+        assert float(row["J&F"]) == pytest.approx(scores["J&F"], abs=1e-3)
+        assert float(row["J&F_without_empty"]) == pytest.approx(scores["without_empty"]["J&F"], abs=1e-3)
+        assert int(row["frames"]) == summary["per_video"][row["video"]]["frames"]
+        assert any(line.startswith(row["video"]) for line in result.output.splitlines())
+    assert "J&F*" in result.output and "results.csv" in result.output

@@ -9,11 +9,12 @@ trainer and the demo use for held-out J&F.
 
 from stcn.evaluation.datasets import EvalSet, VideoSpec, davis, generic, load_video, youtube
 from stcn.evaluation.driver import (build_network, copy_first_frame_baseline, evaluate_davis,
-                                   format_scores, format_summary, resolve_device, run_evaluation)
+                                   format_scores, format_summary, network_sha256, resolve_device,
+                                   run_evaluation, write_results)
 from stcn.evaluation.files import DatasetError, davis_palette, write_json_atomic
 from stcn.evaluation.scoring import score_predictions
 
 __all__ = ["DatasetError", "EvalSet", "VideoSpec", "build_network", "copy_first_frame_baseline",
            "davis", "davis_palette", "evaluate_davis", "format_scores", "format_summary", "generic",
-           "load_video", "resolve_device", "run_evaluation", "score_predictions", "write_json_atomic",
-           "youtube"]
+           "load_video", "network_sha256", "resolve_device", "run_evaluation", "score_predictions",
+           "write_json_atomic", "write_results", "youtube"]
