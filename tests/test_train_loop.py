@@ -4,6 +4,7 @@ Exact resume, phase switching, preemption signals, NaN policy, weight export and
 stage-0 -> stage-3 hand-over, TensorBoard output.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -184,6 +185,8 @@ def test_cli_checkpoints_and_exits_75_on_sigterm_then_resumes(tmp_path, shard_ro
     assert len(checkpoints) == 1 and "signal SIGTERM" in output
     stopped_at = torch.load(checkpoints[0], weights_only=False)["iteration"]
     assert 0 < stopped_at < 400
+    summary = json.loads((run_dir / "summary.json").read_text())  # written on preemption too
+    assert summary["status"] == "preempted" and summary["iterations_done"] == stopped_at
 
     resumed = subprocess.run(command + ["--stop-after", str(stopped_at + 1)], env=env,
                              capture_output=True, text=True, timeout=180)
