@@ -8,10 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
+
+
+def _load_tools():
+    """tools/ as the package stcn_tools, as installed."""
+    import importlib.util
+
+    if "stcn_tools" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("stcn_tools", TOOLS / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["stcn_tools"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["stcn_tools"]
 
 
 def tool_scripts() -> list[str]:
@@ -140,3 +153,79 @@ def test_verify_progress_bar_on_terminal_lines_in_logs_nothing_when_quiet(tiny_s
     assert [line for line in in_log.splitlines() if "3/3 (100%)" in line and "shard/s" in line]
     assert _run_tool([verify, tiny_shard_set, "--quiet"]).strip() == ""
     assert _run_tool([verify, tiny_shard_set, "--quiet"], stderr_tty=True).strip() == ""
+
+
+# ---- contact sheets and inspect_shards ----------------------------------------------------
+
+def _pipeline_like_clip(key="vid-a-000003"):
+    """A clip with the meta fields pipelines write (source video, frames, indices, augment)."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(90, 110, (3, 64, 64, 3), dtype=np.uint8)  # near-grey, low contrast
+    masks = np.zeros((3, 64, 64), np.uint8)
+    masks[:, 8:30, 8:30] = 1
+    masks[:, 36:60, 30:58] = 2
+    meta = {"source": "davis", "video": "vid-a", "frames": ["00004", "00007", "00009"],
+            "frame_index": [4, 7, 9], "max_skip": 5, "round": 3, "objects": [1],
+            "augment": {"clip": {"crop": [1, 2, 30, 40], "ratio": 0.9},
+                        "frames": [{"angle": 1.5, "shear": -2.0}, {"angle": 3.25, "shear": 0.5},
+                                   {"angle": -7.0, "shear": 1.0}]}}
+    return {"__key__": key, "frames": frames, "masks": masks, "meta": meta}
+
+
+def test_contact_sheet_overlays_are_visible_with_a_legend():
+    from shards import contact_sheet as cs
+
+    sample = _pipeline_like_clip()
+    thumb = 64
+    block = cs.clip_block(sample, thumb)
+    tiles = block[-thumb:]                             # the overlaid frames, bottom of the block
+    header = block[:-thumb]
+    red, green = cs.object_colour(1), cs.object_colour(2)
+    assert not np.array_equal(red, green)
+    for t in range(3):
+        tile = tiles[:, t * thumb:(t + 1) * thumb].astype(int)
+        frame = sample["frames"][t].astype(int)
+        # outline: solid object colour along the border, inside the object
+        assert (tile[8, 8:30] == red).all() and (tile[29, 8:30] == red).all()
+        assert (tile[36, 30:58] == green).all()
+        # fill: translucent, clearly tinted towards the colour but not opaque
+        inner = (slice(14, 24), slice(14, 24))
+        shift = np.abs(tile[inner] - frame[inner]).sum(-1).mean()
+        assert shift > 100, shift
+        assert not (tile[inner] == red).all(-1).any()
+        # background untouched
+        assert (tile[0:6, 34:64] == frame[0:6, 34:64]).all()
+    # legend: a swatch of each object's colour in the header, and the unused object marked
+    for colour in (red, green):
+        assert (header == colour).all(-1).sum() >= 50
+    info = cs.describe(sample)
+    assert info["video"] == "vid-a" and info["frame_index"] == [4, 7, 9]
+    assert info["frame_augment"][1] == {"angle": 3.25, "shear": 0.5}
+    assert info["clip_augment"] == {"clip": {"crop": [1, 2, 30, 40], "ratio": 0.9}}
+    assert info["objects_used"] == [1] and info["objects_present"] == [1, 2]
+
+
+def test_inspect_shards_shows_source_frames_and_augmentation(tmp_path):
+    import json
+
+    import cv2
+    from click.testing import CliRunner
+
+    from shards.manifest import Manifest, write_manifest
+    from shards.writer import ShardWriter
+
+    url = str(tmp_path / "set")
+    with ShardWriter(url, max_count=4) as writer:
+        writer.write(_pipeline_like_clip("vid-a-000003"))
+        writer.write(_pipeline_like_clip("vid-a-000004"))
+    write_manifest(url, Manifest(shards=writer.infos, config={"generator": "test"}))
+    out = tmp_path / "sheet.png"
+    tool = _load_tools().load("inspect_shards")
+    result = CliRunner().invoke(tool.main, [url, "--out", str(out), "--thumb", "64"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [line["key"] for line in lines] == ["vid-a-000003", "vid-a-000004"]
+    assert lines[0]["video"] == "vid-a" and lines[0]["frames"] == ["00004", "00007", "00009"]
+    assert lines[0]["frame_index"] == [4, 7, 9] and lines[0]["frame_augment"][2]["angle"] == -7.0
+    sheet = cv2.imread(str(out))
+    assert sheet.shape[1] == 3 * 64 and sheet.shape[0] > 2 * 64
