@@ -219,8 +219,7 @@ def shard_done(plan: Plan, shard_name: str) -> shards.ShardInfo | None:
         raise JobError(f"{plan.job.out} holds shards made with another config (see {url}); "
                        "write to a new --out, or delete that set to regenerate it")
     info = part.shards[0]
-    fs, path = storage.filesystem(storage.join(plan.job.out, shard_name))
-    if not fs.exists(path) or fs.size(path) != info.bytes:
+    if storage.size(storage.join(plan.job.out, shard_name)) != info.bytes:
         return None
     return info
 
@@ -473,11 +472,9 @@ def _run_archives(plan: Plan, units: list[int], pool, workers: int, counter, pro
 def merge(out: str) -> shards.Manifest:
     """Write `manifest.json` from the part records once every unit of the set is done;
     JobError naming what is missing otherwise."""
-    fs, path = storage.filesystem(out)
-    parts_dir = storage.join(path, PARTS)
-    if not fs.isdir(parts_dir):
+    entries = sorted(e.rsplit("/", 1)[-1] for e in storage.listdir(storage.join(out, PARTS)))
+    if not entries:
         raise JobError(f"{out}: no {PARTS}/ records; is this a make_shards output?")
-    entries = sorted(e.rsplit("/", 1)[-1] for e in fs.ls(parts_dir, detail=False))
     records = {e for e in entries if e.endswith(".json") and not e.startswith(".")}
     if not records:
         raise JobError(f"{out}: no finished unit yet")

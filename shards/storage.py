@@ -161,6 +161,8 @@ def _fsspec_options(protocol: str) -> dict:
             config["s3"] = {**config.get("s3", {}), "addressing_style": "path"}
         # one retry policy (ours, counted): botocore's own retries off
         config.setdefault("retries", {"total_max_attempts": 1})
+        # other processes write the same prefixes (tasks, ranks): never trust a listing
+        options.setdefault("use_listings_cache", False)
         options["client_kwargs"], options["config_kwargs"] = client, config
     return options
 
@@ -374,9 +376,16 @@ class _RangeReader(io.RawIOBase):
     """Sequential reads of a remote object as ranged GETs, each retried on its own: a
     reset connection costs one block, not the whole stream."""
 
-    def __init__(self, url: str, fs, path: str):
-        self.url, self.fs, self.path, self.pos = url, fs, path, 0
+    def __init__(self, url: str, fs, path: str, block_size: int):
+        self.url, self.fs, self.path, self.pos, self.block = url, fs, path, 0, block_size
         self.size = _retrying(url, "HEAD", lambda: fs.size(path))
+
+    def readall(self) -> bytes:  # io's default reads 8 KiB at a time: one GET each
+        parts = []
+        while self.pos < self.size:
+            buffer = bytearray(min(self.block, self.size - self.pos))
+            parts.append(bytes(buffer[:self.readinto(buffer)]))
+        return b"".join(parts)
 
     def readable(self) -> bool:
         return True
@@ -407,7 +416,7 @@ def open_read(url: str, block_size: int = 8 << 20):
         return open(path, "rb", buffering=block_size)
     if _direct(fs):
         return fs.open(path, "rb")
-    return io.BufferedReader(_RangeReader(url, fs, path), buffer_size=block_size)
+    return io.BufferedReader(_RangeReader(url, fs, path, block_size), buffer_size=block_size)
 
 
 # ----------------------------------------------------------------------------- metadata

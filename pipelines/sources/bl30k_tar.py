@@ -1,9 +1,10 @@
 """BL30K read straight from its distribution tar archives, each streamed once.
 
 The corpus is six ~115 GB archives (~700 GB; extracting needs ~1 TB), so a job never
-extracts: it streams an archive's members in order (`tarfile` stream mode, through fsspec,
-so archives may sit in an object store) and groups them by video. A video's members are
-contiguous in an archive, so a video is complete when the stream moves on to the next one.
+extracts: it streams an archive's members in order (`tarfile` stream mode, through
+shards.storage: archives may sit in an object store, read as retried ranged GETs) and
+groups them by video. A video's members are contiguous in an archive, so a video is
+complete when the stream moves on to the next one.
 Memory bound: the encoded bytes of ONE video (~160 JPEG + PNG frames, ~15-25 MB at 768x512)
 are held by the reader; the job driver holds those of the few videos a shard needs.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Iterator
 
-import fsspec
+from shards import storage
 
 from pipelines.sources.base import LayoutError, Video
 from pipelines.sources.video_tree import BL30K_LAYOUT
@@ -37,14 +38,12 @@ def list_archives(url: str) -> list[str]:
     """The archive URLs of a BL30K tar source: one .tar, or every *.tar in a directory."""
     if url.endswith(".tar"):
         return [url]
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.isdir(path):
+    if not storage.isdir(url):
         raise LayoutError(url, "not a directory", BL30K_LAYOUT)
-    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+    names = [n for n in storage.listdir(url) if n.endswith(".tar")]
     if not names:
         raise LayoutError(url, "no *.tar archive and no JPEGImages/ tree", BL30K_LAYOUT)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [n if protocol == "file" else f"{protocol}://{n}" for n in names]
+    return names
 
 
 def archive_name(url: str) -> str:
@@ -80,7 +79,7 @@ def iter_archive_videos(url: str) -> Iterator[tuple[Video, dict[str, tuple[bytes
     order, as soon as its last member has been read. Videos under 3 frames are skipped."""
     done: set[str] = set()
     current, images, masks = None, {}, {}
-    with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as archive:
+    with storage.open_read(url) as raw, tarfile.open(fileobj=raw, mode="r|") as archive:
         for member in archive:
             parsed = _parse(member.name) if member.isfile() else None
             if parsed is None:
