@@ -75,6 +75,78 @@ def test_installed_commands_run_outside_the_checkout(tmp_path):
         assert f"Usage: {command} " in result.stdout, (command, result.stdout[:300])
 
 
+# ---- one option vocabulary ------------------------------------------------------------
+
+# Competing spellings of the shared options (README "Options shared by every tool"):
+# none may be visible in any --help; the former ones still work, with a warning.
+SYNONYMS = {"--out": ("--output", "--json-out", "--output-dir", "--out-dir"),
+            "--workers": ("--score-workers", "--num-workers", "--jobs"),
+            "--config": ("--stage-config",),
+            "--shards": ("--shard-root",),
+            "--quiet": ("--no-progress", "--progress", "--silent")}
+# What a shared option's help must mention wherever it appears (same name, same meaning).
+MEANING = {"--workers": "process", "--device": "auto", "--seed": "seed", "--run-dir": "run",
+           "--quiet": "warnings", "--verbose": "debug"}
+
+
+def all_commands():
+    """(command path, click command, context) of every tool command and subcommand."""
+    import click
+
+    tools = _load_tools()
+    for name in tool_scripts():
+        main = tools.load(name).main
+        ctx = click.Context(main, info_name=name)
+        if isinstance(main, click.Group):
+            for sub_name, sub in main.commands.items():
+                yield f"{name} {sub_name}", sub, click.Context(sub, info_name=sub_name, parent=ctx)
+        else:
+            yield name, main, ctx
+
+
+def _has_default(param) -> bool:
+    # click >= 8.3 marks "no default" with a sentinel rather than None
+    return param.default is not None and "UNSET" not in repr(param.default) and param.default != ()
+
+
+def test_every_option_is_explained_with_its_default_under_the_shared_names():
+    import click
+
+    problems = []
+    for path, command, ctx in all_commands():
+        names = set()
+        for param in command.get_params(ctx):
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            names.update(param.opts + param.secondary_opts)
+            record = param.get_help_record(ctx)
+            if not param.help:
+                problems.append(f"{path} {param.opts[0]}: no help")
+            elif (not param.is_flag and not param.required and _has_default(param)
+                  and "default" not in record[1].lower()):
+                problems.append(f"{path} {param.opts[0]}: default {param.default!r} not shown")
+            for option in param.opts:
+                if option in MEANING and MEANING[option] not in param.help.lower():
+                    problems.append(f"{path} {option}: help does not say {MEANING[option]!r}")
+        for canonical, others in SYNONYMS.items():
+            problems += [f"{path}: {other} instead of {canonical}" for other in others if other in names]
+        if not {"--quiet", "--verbose"} <= names:
+            problems.append(f"{path}: lacks --quiet/--verbose")
+    assert not problems, "\n".join(problems)
+
+
+def test_former_spellings_still_work_and_warn():
+    from click.testing import CliRunner
+
+    plan = _load_tools().load("make_shards").main
+    result = CliRunner().invoke(plan, ["plan", "--stage", "3", "--root", "old-root"])
+    assert result.exit_code == 0, result.output
+    assert "--root is deprecated" in result.output and "use --shards" in result.output
+    assert "old-root/davis/skip5" in result.output
+    result = CliRunner().invoke(plan, ["plan", "--stage", "3", "--shards", "new-root"])
+    assert "deprecated" not in result.output and "new-root/davis/skip5" in result.output
+
+
 # ---- progress and verbosity (shards.console) ------------------------------------------
 
 def test_progress_in_logs_is_plain_periodic_lines():
