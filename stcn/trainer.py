@@ -87,6 +87,9 @@ class TrainOptions:
     progress: bool = True
     allow_repeats: bool = False  # let the stage stream a clip more than once (sets short of clips)
     rank_logs: bool = True  # tee each rank's console output into run_dir/rank<N>.log
+    prefetch: int = 2  # remote shards each loader worker fetches ahead (shards.fetch)
+    cache_dir: str | None = None  # node-local cache of remote shards (shards.cache)
+    cache_limit: str | int | None = None  # its bound, bytes or e.g. "20GB"
 
     def __post_init__(self) -> None:
         if isinstance(self.amp, bool):  # the former on/off switch
@@ -136,6 +139,7 @@ def open_loader(sets: Mapping[str, float] | Iterable[clip_ranges.SetRange], stag
         seed=options.seed * 1000 + stage.stage * 100 + phase,
         num_workers=options.workers,
         pin_memory=context.device.type == "cuda",
+        prefetch=options.prefetch, cache_dir=options.cache_dir, cache_limit=options.cache_limit,
     )
 
 
@@ -712,6 +716,9 @@ class Trainer:
         if stats is not None:
             figures["bad_samples"] = float(self.bad_samples_before + stats.bad_samples)  # whole run
             figures["epoch"] = float(loader.epoch)
+            # this phase's loader: storage retries, whole-shard downloads, node-cache hits
+            for name in ("retries", "downloads", "cache_hits"):
+                figures[f"loader_{name}"] = float(getattr(stats, name, 0))
         self.last_metrics = figures
         monitor.scalars(self.iteration, figures)
         monitor.progress(self.iteration, {k: figures[k] for k in
