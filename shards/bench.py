@@ -23,13 +23,14 @@ from .stream import BadDataWarning, make_loader
 _KEEP_ALIVE: list = []
 
 
-def _raw_samples(url_dir: str) -> tuple[list[dict[str, bytes]], int]:
-    """(the samples that decode, how many of the manifest's samples do not)."""
+def _raw_samples(url_dir: str, verify: bool = False) -> tuple[list[dict[str, bytes]], int]:
+    """(the samples that decode, how many of the manifest's samples do not); with verify,
+    a shard failing its checksum counts whole, as the loader counts it."""
     raw, bad = [], 0
     for info in read_manifest(url_dir).shards:
         read = 0
         try:
-            for members in iter_shard(storage.join(url_dir, info.name), info, verify=False):
+            for members in iter_shard(storage.join(url_dir, info.name), info, verify=verify):
                 read += 1
                 try:
                     decode_sample(members)
@@ -77,7 +78,7 @@ def run_benchmark(url_dir: str, batch_size: int = 32, workers: int = 2,
 
     The floor and the 1-process loader are measured alternately `repeats` times and the
     best of each kept, so both see the same machine load (shared machines are noisy)."""
-    raw, bad = _raw_samples(url_dir)  # also warms the page cache for the timed runs
+    raw, bad = _raw_samples(url_dir, verify)  # also warms the page cache for the timed runs
     if len(raw) < batch_size:
         raise ValueError(f"{url_dir}: {len(raw)} readable samples, fewer than one batch of "
                          f"{batch_size}; lower --batch-size")

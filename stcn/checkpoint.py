@@ -218,15 +218,19 @@ class CheckpointManager:
         return load_checkpoint(path, map_location), path
 
 
-def _why_unreadable(error: Exception) -> str:
-    """A short reason for a checkpoint that torch.load(weights_only=True) refused."""
+def _why_unreadable(error: Exception, head: bytes = b"PK") -> str:
+    """A short reason for a checkpoint that torch.load(weights_only=True) refused; `head`:
+    the file's first bytes (torch.save writes a zip archive)."""
     text = str(error)
     blocked = re.search(r"unsupported GLOBAL (\S+)", text, re.IGNORECASE)
     if blocked:
         return (f"it holds a Python object ({blocked.group(1).rstrip('.')}) that could run code when "
                 "loaded, so it was refused unopened; load only checkpoints written by this "
                 "project")
-    if "Unsupported operand" in text or isinstance(error, __import__("pickle").UnpicklingError):
+    if not head:
+        return "empty (0 bytes); was a save interrupted by something that bypassed the atomic write?"
+    if "Unsupported operand" in text or isinstance(error, __import__("pickle").UnpicklingError) \
+            or not head.startswith(b"PK"):
         return ("not a PyTorch checkpoint (a foreign or damaged pickle), refused without "
                 "running it")
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
@@ -246,7 +250,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     except OSError:
         raise
     except Exception as error:  # torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"{path}: {_why_unreadable(error)}") from error
+        with open(path, "rb") as f:
+            head = f.read(4)
+        raise CheckpointError(f"{path}: {_why_unreadable(error, head)}") from error
     if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a training checkpoint of this project "
                               "(expected a dict with model and iteration)")
