@@ -123,3 +123,17 @@ def test_published_side_runs_on_the_same_videos(tiny_roots):
     assert len(pub) == 6 and any(r["fill"] > 0 for r in pub) and any(r["target"] for r in pub)
     assert all(abs(r["indices"][k + 1] - r["indices"][k]) <= 6 for r in pub for k in (0, 1))
     assert len(out["static"]["published"]) == 6
+
+
+def test_codec_bench_orders_the_settings(tmp_path):
+    from pipelines.codec_bench import SETTINGS, format_table, make_clips, measure
+    clips = make_clips(tmp_path, 2, size=TINY)
+    assert clips[0].shape == (3, 384, 384, 3)
+    rows = {s.name: measure(clips, s, repeats=1) for s in SETTINGS}
+    q90, q95 = rows["JPEG q90 4:2:0"], rows["JPEG q95 4:4:4"]
+    assert 30 < q90["psnr"] < q95["psnr"] < math.inf and q90["bytes"] < q95["bytes"]
+    assert rows["PNG (lossless, level 1)"]["psnr"] == math.inf
+    assert rows["WebP (lossless)"]["psnr"] == math.inf
+    table = format_table(list(rows.values()))
+    assert len(table) == 2 + len(SETTINGS) and "| JPEG q90 4:2:0 |" in table[2]
+    assert table[2].split("|")[4].strip() == "1.00"  # bytes ratio of the reference row
