@@ -73,7 +73,7 @@ evaluate() {
   local name=$1
   shift
   tools/eval davis --root "$DATA/davis" --year 2017 --split val --device "$DEVICE" \
-    --output "$EVALS/$name" "$@"
+    --out "$EVALS/$name" "$@"
 }
 
 step
@@ -115,7 +115,7 @@ evaluate untrained
 step
 evaluate trained --model "$RUNS/s03/stcn_stage3.pth"
 step
-tools/eval baseline --root "$DATA/davis" --year 2017 --split val --output "$EVALS/copy_first_frame"
+tools/eval baseline --root "$DATA/davis" --year 2017 --split val --out "$EVALS/copy_first_frame"
 
 # --- summary ---------------------------------------------------------------------------
 python3 - "$EVALS" "$SHARDS" "$RUNS" "$(($(date +%s) - START))" "$REQUIRE_LEARNING" <<'EOF'
