@@ -301,3 +301,17 @@ def test_inspect_shards_shows_source_frames_and_augmentation(tmp_path):
     assert lines[0]["frame_index"] == [4, 7, 9] and lines[0]["frame_augment"][2]["angle"] == -7.0
     sheet = cv2.imread(str(out))
     assert sheet.shape[1] == 3 * 64 and sheet.shape[0] > 2 * 64
+
+
+def test_one_progress_helper():
+    """Every progress display goes through shards.console (bar on a terminal, lines in
+    logs, silent with --quiet): no module of ours uses tqdm directly."""
+    offenders = []
+    for package in ("shards", "pipelines", "stcn", "tools"):
+        for path in (REPO / package).rglob("*"):
+            if path.is_file() and (path.suffix == ".py" or path.parent == TOOLS) \
+                    and path != REPO / "shards" / "console.py" and "__pycache__" not in path.parts:
+                text = path.read_text(errors="replace")
+                if "import tqdm" in text or "from tqdm" in text:
+                    offenders.append(str(path.relative_to(REPO)))
+    assert not offenders, offenders
