@@ -68,4 +68,5 @@ def verify_shard_set(url_dir: str, decode: bool = True, progress: bool = True) -
         if count != info.count:
             report.problems.append(f"{url}: {count} samples, manifest says {info.count}")
         report.samples += count
+        console.debug(f"checked {url}: {count} samples, {len(data)} bytes")
     return report

@@ -216,15 +216,18 @@ def tiny_shard_set(tmp_path_factory):
     return url
 
 
-def test_verify_progress_bar_on_terminal_lines_in_logs_nothing_when_quiet(tiny_shard_set):
+def test_verify_progress_bar_on_terminal_lines_in_logs_quiet_and_verbose(tiny_shard_set):
     verify = str(TOOLS / "verify_shards")
     on_terminal = _run_tool([verify, tiny_shard_set], stderr_tty=True)
     assert "\r" in on_terminal and "3/3" in on_terminal
     in_log = _run_tool([verify, tiny_shard_set])
     assert "\r" not in in_log
     assert [line for line in in_log.splitlines() if "3/3 (100%)" in line and "shard/s" in line]
+    assert "checked" not in in_log
     assert _run_tool([verify, tiny_shard_set, "--quiet"]).strip() == ""
     assert _run_tool([verify, tiny_shard_set, "--quiet"], stderr_tty=True).strip() == ""
+    verbose = _run_tool([verify, tiny_shard_set, "--verbose"])
+    assert len([line for line in verbose.splitlines() if line.startswith("checked ")]) == 3
 
 
 # ---- contact sheets and inspect_shards ----------------------------------------------------

@@ -311,9 +311,12 @@ def run_evaluation(net: torch.nn.Module, eval_set: EvalSet, output: Path | str,
         record = None if overwrite else _finished_record(video, masks_dir, records, input_sha256)
         if record is not None:
             reused.append(video.name)
+            console.debug(f"{video.name}: reused the earlier result (same weights, options, inputs)")
         else:
             labels, palette, record = _segment_video(core, video, core.device)
             record["input_sha256"] = input_sha256
+            console.debug(f"{video.name}: {record['frames']} frames, {record['objects']} objects, "
+                          f"{record['fps']:.2f} FPS")
             _write_video(video, labels, palette, masks_dir, records, record)
         per_video[video.name] = record
 
