@@ -153,7 +153,8 @@ class LineProgress:
         """tqdm redraws here; a log gets its lines on the interval only."""
 
     def write(self, text: str) -> None:
-        click.echo(text, file=self.stream or sys.stderr)
+        """A message between progress lines; stdout, as tqdm.write."""
+        click.echo(text)
 
     def close(self) -> None:
         if not self.closed:
