@@ -1,13 +1,15 @@
 """The object-size rule and the geometry, through their public functions (triplet sampling:
 test_pipelines_sampling.py)."""
+import cv2
 import numpy as np
 import pytest
 
 from pipelines.augment import (BL30K_AUGMENT, STATIC_AUGMENT, VIDEO_AUGMENT, augment_static,
                                augment_video)
-from pipelines.augment.geometry import centred_affine
+from pipelines.augment.geometry import centred_affine, random_crop, shorter_side_size
+from pipelines.augment.recipes import static_steps
 from pipelines.augment.tps import eval_tps, fit_tps, random_tps_points, tps_displacement
-from pipelines.augment.warp import warp_frame
+from pipelines.augment.warp import Step, warp_frame
 from pipelines.sampling import eligible_objects
 
 
@@ -55,11 +57,13 @@ def test_video_parameters_in_published_ranges():
 def test_static_parameters_in_published_ranges():
     rng = np.random.default_rng(3)
     image, mask = _scene(rng)
-    mask = (mask > 0).astype(np.uint8)
+    mask = (mask > 0).astype(np.uint8) * 255
     tps = 0
     for _ in range(60):
-        frames, masks, params = augment_static(rng, image, mask, STATIC_AUGMENT)
+        frames, masks, soft, params = augment_static(rng, image, mask, STATIC_AUGMENT)
         assert frames.shape == (3, 384, 384, 3) and set(np.unique(masks)) <= {0, 1}
+        assert soft.shape == masks.shape and soft.dtype == np.uint8
+        assert np.array_equal(masks, soft > 127)  # the target is soft mask > 0.5
         assert 0.8 <= params["clip"]["scale"] <= 1.5
         for frame in params["frames"]:
             assert abs(frame["angle"]) <= 20 and abs(frame["shear"]) <= 10
@@ -70,9 +74,11 @@ def test_static_parameters_in_published_ranges():
 
 def test_same_generator_same_clip():
     image, mask = _scene(np.random.default_rng(4))
-    a = augment_static(np.random.default_rng(9), image, (mask > 0).astype(np.uint8), STATIC_AUGMENT)
-    b = augment_static(np.random.default_rng(9), image, (mask > 0).astype(np.uint8), STATIC_AUGMENT)
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    a = augment_static(np.random.default_rng(9), image, (mask > 0).astype(np.uint8) * 255,
+                       STATIC_AUGMENT)
+    b = augment_static(np.random.default_rng(9), image, (mask > 0).astype(np.uint8) * 255,
+                       STATIC_AUGMENT)
+    assert all(np.array_equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3]
 
 
 def test_coarse_tps_matches_the_dense_spline():
@@ -99,12 +105,16 @@ def test_one_warp_equals_the_affine():
     image, mask = _scene(rng, 384, 384)
     forward = centred_affine(384, 384)  # identity
     forward[0, 2], forward[1, 2] = 7, -5
-    out, out_mask = warp_frame(image, mask, forward, 384, (124, 116, 104))
+    out, out_mask, _, fill, _ = warp_frame(image, [Step(forward, (384, 384), (124, 116, 104))],
+                                           384, ids=mask)
     # output (x, y) shows source (x - 7, y + 5)
     assert np.array_equal(out[:-5, 7:], image[5:, :-7])
     assert np.array_equal(out_mask[:-5, 7:], mask[5:, :-7])
     assert (out[:, :7] == (124, 116, 104)).all() and (out_mask[:, :7] == 0).all()
     assert (out[-5:] == (124, 116, 104)).all()
+    expected_fill = np.ones((384, 384), bool)
+    expected_fill[:-5, 7:] = False
+    assert np.array_equal(fill, expected_fill)
 
 
 def test_large_downscale_is_filtered():
@@ -115,7 +125,195 @@ def test_large_downscale_is_filtered():
     mask[400:1000, 400:1000] = 3
     forward = centred_affine(1536, 1536, angle=10.0, scale=1 / 3.7)
     forward[:2, 2] -= (1535 / 2 - 191.5)  # centre of the source -> centre of the output
-    out, out_mask = warp_frame(stripes, mask, forward, 384, (124, 116, 104))
+    out, out_mask, _, _, _ = warp_frame(stripes, [Step(forward, (1536, 1536), (124, 116, 104))],
+                                        384, ids=mask)
     inner = out[100:284, 100:284].astype(float)
     assert abs(inner.mean() - 127.5) < 8 and inner.std() < 12
     assert set(np.unique(out_mask)) == {0, 3}
+
+
+# ------------------------------------------------------------- canvases and fill (issue 10.2)
+MEAN = (124, 116, 104)
+CUBIC, NEAREST, LINEAR = cv2.INTER_CUBIC, cv2.INTER_NEAREST, cv2.INTER_LINEAR
+
+
+def _smooth_scene(h, w):
+    """A smooth image (interpolation differs little between one warp and a chain) with two
+    objects; the masks are 8-bit (0/255 for the static soft mask)."""
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    # blue stays above the mean's 104: no image pixel looks like fill
+    image = np.stack([128 + 100 * np.sin(xs / 23), 128 + 100 * np.cos(ys / 31),
+                      175 + 50 * np.sin((xs + ys) / 41)], -1).astype(np.uint8)
+    ids = np.zeros((h, w), np.uint8)
+    cv2.circle(ids, (w // 3, h // 2), h // 5, 1, -1)
+    cv2.rectangle(ids, (w // 2, h // 4), (w - w // 6, h - h // 4), 2, -1)
+    return image, ids
+
+
+def _affine(src, matrix, wh, interpolation, fill):
+    """One published step: src on its own canvas -> wh, reading outside src gives `fill`."""
+    return cv2.warpAffine(src, matrix[:2], wh, flags=interpolation,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+
+
+def _reference_video(image, ids, box, angle, shear, size=384):
+    """The published video chain, one cv2 call per step. Returns (image, ids, label) where
+    label is 0 for image pixels and 1 for the rotation's fill."""
+    x, y, w, h = box
+    label = np.zeros(image.shape[:2], np.uint8)
+    # random resized crop: inside the frame, resized (no fill)
+    image = cv2.resize(image[y:y + h, x:x + w], (size, size), interpolation=CUBIC)
+    ids = cv2.resize(ids[y:y + h, x:x + w], (size, size), interpolation=NEAREST)
+    label = cv2.resize(label[y:y + h, x:x + w], (size, size), interpolation=NEAREST)
+    # per frame rotation/shear of the crop, on the crop's canvas: the mean outside it
+    frame = centred_affine(size, size, angle=angle, shear=shear)
+    return (_affine(image, frame, (size, size), CUBIC, MEAN),
+            _affine(ids, frame, (size, size), NEAREST, 0),
+            _affine(label, frame, (size, size), NEAREST, 1))
+
+
+def _reference_static(image, soft, clip_scale, frame_params, offset, displacement, size=384):
+    """The published static chain, one cv2 call per step, each on its own canvas. Returns
+    (image, soft mask, label): label 0 image, 1-3 the affines' / crop's mean fill, 4 the
+    TPS warp's black fill."""
+    h, w = soft.shape
+    label = np.zeros((h, w), np.uint8)
+    clip = centred_affine(w, h, scale=clip_scale)           # per clip: mask nearest
+    image, soft, label = (_affine(image, clip, (w, h), CUBIC, MEAN),
+                          _affine(soft, clip, (w, h), NEAREST, 0),
+                          _affine(label, clip, (w, h), NEAREST, 1))
+    frame = centred_affine(w, h, **frame_params)            # per frame: 8-bit mask bicubic
+    image, soft, label = (_affine(image, frame, (w, h), CUBIC, MEAN),
+                          _affine(soft, frame, (w, h), CUBIC, 0),
+                          _affine(label, frame, (w, h), NEAREST, 2))
+    rw, rh = shorter_side_size(w, h, size)                  # resize: mask nearest
+    image, soft, label = (cv2.resize(image, (rw, rh), interpolation=CUBIC),
+                          cv2.resize(soft, (rw, rh), interpolation=NEAREST),
+                          cv2.resize(label, (rw, rh), interpolation=NEAREST))
+    crop = np.array([[1.0, 0, -offset[0]], [0, 1, -offset[1]], [0, 0, 1]])  # pads the mean
+    image, soft, label = (_affine(image, crop, (size, size), NEAREST, MEAN),
+                          _affine(soft, crop, (size, size), NEAREST, 0),
+                          _affine(label, crop, (size, size), NEAREST, 3))
+    if displacement is not None:                            # TPS: bilinear, black outside
+        ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+        mx, my = xs + displacement[..., 0], ys + displacement[..., 1]
+
+        def tps(src, interpolation, fill):
+            return cv2.remap(src, mx, my, interpolation, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=fill)
+        image, soft, label = tps(image, LINEAR, (0, 0, 0)), tps(soft, NEAREST, 0), \
+            tps(label, NEAREST, 4)
+    return image, soft, label
+
+
+def _interior(*fills, width=2):
+    """Pixels farther than `width` px from the edge of every given fill region."""
+    kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
+    inner = np.ones(fills[0].shape, bool)
+    for fill in fills:
+        near_fill = cv2.dilate(fill.astype(np.uint8), kernel) > 0
+        near_image = cv2.dilate((~fill).astype(np.uint8), kernel) > 0
+        inner &= ~(near_fill & near_image)
+    return inner
+
+
+def _agree(out, ref_image, fill, ref_fill, tolerance, width=2, regions=()):
+    """`width`: the boundary the chain blurs (its later steps interpolate across a fill
+    edge; an upscale after the fill widens that band); `regions`: more edges (between two
+    kinds of fill)."""
+    inner = _interior(ref_fill, fill, *regions, width=width)
+    assert not (fill != ref_fill)[inner].any()  # same fill mask except on its boundary
+    image_px = inner & ~ref_fill
+    diff = np.abs(out.astype(int) - ref_image.astype(int))[image_px]
+    assert diff.mean() < tolerance and np.percentile(diff, 99) < 8 * tolerance
+    # the fill colour is the chain's (up to the ringing of its later bicubic steps)
+    fill_px = inner & ref_fill
+    fill_diff = np.abs(out[fill_px].astype(int) - ref_image[fill_px]).max(-1)
+    assert (fill_diff > 3).sum() <= 0.002 * fill_px.sum()
+
+
+@pytest.mark.parametrize("h, w", [(480, 854), (240, 320)])
+def test_video_warp_equals_the_step_by_step_chain(h, w):
+    """augment_video's one warp per frame against the published chain rebuilt from the
+    parameters it recorded: the rotation fills outside the 384 crop (not the source)."""
+    image, ids = _smooth_scene(h, w)
+    rng = np.random.default_rng(11)
+    fills = []
+    for _ in range(6):
+        frames, masks, params = augment_video(rng, [image] * 3, [ids] * 3, VIDEO_AUGMENT)
+        for out, out_ids, frame in zip(frames, masks, params["frames"]):
+            ref, ref_ids, label = _reference_video(image, ids, params["clip"]["crop"],
+                                                   frame["angle"], frame["shear"])
+            fill = (out == MEAN).all(-1) & (out_ids == 0)
+            ref_fill = label > 0
+            _agree(out, ref, fill, ref_fill, tolerance=2.0)
+            assert abs(frame["fill"] - ref_fill.mean()) < 0.01
+            assert (out_ids != ref_ids)[_interior(ref_fill)].mean() < 0.01
+            fills.append(frame["fill"])
+    assert max(fills) > 0.03  # the draws did rotate the crop off its canvas
+
+
+@pytest.mark.parametrize("clip_scale, angle, scale, shear, tps", [
+    (0.8, 20.0, 0.9, 10.0, None),      # shrunk: the mean fills around the image
+    (1.5, -17.0, 1.1, -8.0, None),     # enlarged and rotated: corners of the frame canvas
+    (1.0, 5.0, 1.0, 3.0, 0.06),        # a strong TPS warp: black where it reads outside
+    (0.85, -20.0, 0.95, 10.0, 0.04),
+])
+def test_static_warp_equals_the_step_by_step_chain(clip_scale, angle, scale, shear, tps):
+    image, ids = _smooth_scene(240, 320)
+    soft = (ids == 2).astype(np.uint8) * 255
+    h, w = soft.shape
+    frame_params = {"angle": angle, "scale": scale, "shear": shear}
+    rng = np.random.default_rng(12)
+    crop, crop_params = random_crop(rng, *shorter_side_size(w, h, 384), 384)
+    displacement = None
+    if tps is not None:
+        displacement = tps_displacement(*random_tps_points(rng, 12, tps), 384)
+    steps = static_steps(centred_affine(w, h, scale=clip_scale),
+                         centred_affine(w, h, **frame_params), crop, (w, h), 384)
+    out = warp_frame(image, steps, 384, soft=soft, displacement=displacement)
+    ref, ref_soft, label = _reference_static(image, soft, clip_scale, frame_params,
+                                             crop_params["offset"], displacement)
+    assert (label > 0).mean() > 0.01  # each case does produce fill
+    _agree(out.image, ref, out.fill, label > 0, tolerance=2.5, width=4, regions=[label == 4])
+    inner = _interior(label > 0, out.fill, label == 4, width=4)
+    if tps is not None:  # black only where the TPS step reads outside its 384 canvas
+        assert (label == 4).any()
+        assert (out.image[inner & (label == 4)] == 0).all()
+        assert (out.image[inner & (label > 0) & (label < 4)] == MEAN).all()
+    # soft masks: bicubic 8-bit values, 0 in the fill; the targets (> 0.5) agree off edges
+    assert set(np.unique(out.soft)) - {0, 255}, "a bicubic soft mask has soft edges"
+    assert not out.soft[inner & (label > 0)].any()
+    assert ((out.soft > 127) != (ref_soft > 127))[inner].mean() < 0.01
+
+
+def test_static_soft_warp_matches_a_full_bicubic_warp():
+    """The soft mask is bicubic only near its edges (cheaper): equal to a full bicubic
+    warp of the 8-bit mask, for up- and downscales."""
+    for h, w, clip_scale in [(120, 160, 1.5), (240, 320, 0.8), (900, 1200, 0.9)]:
+        _, ids = _smooth_scene(h, w)
+        soft = cv2.GaussianBlur((ids > 0).astype(np.uint8) * 255, (5, 5), 0)
+        rng = np.random.default_rng(13)
+        crop, _ = random_crop(rng, *shorter_side_size(w, h, 384), 384)
+        steps = static_steps(centred_affine(w, h, scale=clip_scale),
+                             centred_affine(w, h, angle=12.0, shear=6.0), crop, (w, h), 384)
+        out = warp_frame(np.zeros((h, w, 3), np.uint8), steps, 384, soft=soft)
+        forward = np.eye(3)
+        for step in steps:
+            forward = step.forward @ forward
+        full = cv2.warpAffine(soft, np.linalg.inv(forward)[:2], (384, 384),
+                              flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT)
+        full[out.fill] = 0
+        assert np.abs(out.soft.astype(int) - full).max() <= 1
+        assert 0 < ((out.soft > 0) & (out.soft < 255)).sum()
+
+
+def test_video_fill_share_is_the_published_one():
+    """480p video: ~5.9% of frame pixels are fill with the published loader (STCN_FACTS);
+    filling only outside the source gave 0.9%."""
+    image, ids = _smooth_scene(480, 854)
+    rng = np.random.default_rng(14)
+    shares = [f["fill"] for _ in range(150)
+              for f in augment_video(rng, [image] * 3, [ids] * 3, VIDEO_AUGMENT)[2]["frames"]]
+    assert 0.05 < np.mean(shares) < 0.07

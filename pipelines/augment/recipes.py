@@ -1,7 +1,10 @@
 """The two published augmentation recipes, geometry only (flip and colour stay online).
 
-Each returns (frames (3, S, S, 3) uint8, masks (3, S, S) uint8, parameters) where the
-parameters are JSON-ready and recorded in the clip's metadata.
+Each step keeps the published canvas and fill (see `warp.warp_frame`: the whole chain is
+still one warp per frame). `augment_video` returns (frames (3, S, S, 3) uint8, id masks
+(3, S, S) uint8, parameters); `augment_static` also returns the 8-bit soft masks (3, S, S)
+its ids are thresholded from. The parameters are JSON-ready and recorded in the clip's
+metadata; "fill" is each frame's share of fill pixels.
 """
 from __future__ import annotations
 
@@ -11,19 +14,42 @@ from pipelines.augment.geometry import (random_affine, random_crop, random_resiz
                                         resize_matrix, shorter_side_size)
 from pipelines.augment.params import IMAGE_MEAN_RGB, StaticAugment, VideoAugment
 from pipelines.augment.tps import random_tps_points, tps_displacement
-from pipelines.augment.warp import warp_frame
+from pipelines.augment.warp import BLACK, Step, warp_frame
+
+#: A soft mask value above this is the object: mask > 0.5 on the 0..1 scale (published).
+SOFT_THRESHOLD = 127
+
+
+def static_steps(clip: np.ndarray, frame: np.ndarray, crop: np.ndarray, wh: tuple[int, int],
+                 size: int) -> tuple[Step, ...]:
+    """The static chain's canvases: the per clip and per frame affines keep the image's
+    size and fill with the mean, the resize to shorter side `size` reads nothing outside,
+    the crop pads with the mean (the TPS warp after them fills black)."""
+    resized_wh = shorter_side_size(*wh, size)
+    return (Step(clip, wh, IMAGE_MEAN_RGB), Step(frame, wh, IMAGE_MEAN_RGB),
+            Step(resize_matrix(wh, resized_wh), wh, None),
+            Step(crop, resized_wh, IMAGE_MEAN_RGB))
+
+
+def video_steps(crop: np.ndarray, frame: np.ndarray, wh: tuple[int, int], size: int
+                ) -> tuple[Step, ...]:
+    """The video chain's canvases: the resized crop lies inside the frame; the per frame
+    rotation/shear works on the size x size crop and fills outside it with the mean."""
+    return Step(crop, wh, IMAGE_MEAN_RGB), Step(frame, (size, size), IMAGE_MEAN_RGB)
 
 
 def augment_static(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
-                   aug: StaticAugment) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One image (H, W, 3) and mask (H, W) -> a pseudo clip of three differently warped
-    copies: a per clip scale, then per frame affine, shorter side resize, random crop and,
-    with probability tps_p, a thin-plate-spline warp."""
+                   aug: StaticAugment) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One image (H, W, 3) and its 8-bit saliency mask (H, W, 0..255) -> a pseudo clip of
+    three differently warped copies: a per clip scale, then per frame affine, shorter side
+    resize, random crop and, with probability tps_p, a thin-plate-spline warp.
+
+    The mask is warped bicubically as 8-bit values (the published soft mask); the id masks
+    are 1 where it is above SOFT_THRESHOLD. Returns (frames, ids, soft masks, parameters)."""
     h, w = mask.shape
     clip, clip_params = random_affine(rng, w, h, scale=aug.clip_scale)
     resized_wh = shorter_side_size(w, h, aug.size)
-    resize = resize_matrix((w, h), resized_wh)
-    frames, masks, frame_params = [], [], []
+    frames, softs, frame_params = [], [], []
     for _ in range(3):
         frame, params = random_affine(rng, w, h, degrees=aug.frame_degrees,
                                       scale=aug.frame_scale, shear=aug.frame_shear)
@@ -35,12 +61,14 @@ def augment_static(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray
             source, dest = random_tps_points(rng, aug.tps_points, aug.tps_std)
             params["tps_shift"] = float(np.abs(dest - source).max())
             displacement = tps_displacement(source, dest, aug.size)
-        image_out, mask_out = warp_frame(image, mask, crop @ resize @ frame @ clip, aug.size,
-                                         IMAGE_MEAN_RGB, displacement)
-        frames.append(image_out)
-        masks.append(mask_out)
+        out = warp_frame(image, static_steps(clip, frame, crop, (w, h), aug.size), aug.size,
+                         soft=mask, displacement=displacement, displacement_fill=BLACK)
+        params["fill"] = round(out.fill_fraction, 5)
+        frames.append(out.image)
+        softs.append(out.soft)
         frame_params.append(params)
-    return (np.stack(frames), np.stack(masks),
+    soft = np.stack(softs)
+    return (np.stack(frames), (soft > SOFT_THRESHOLD).astype(np.uint8), soft,
             {"clip": {"scale": clip_params["scale"]}, "frames": frame_params})
 
 
@@ -57,8 +85,9 @@ def augment_video(rng: np.random.Generator, images: list[np.ndarray], masks: lis
         frame, params = random_affine(rng, aug.size, aug.size, degrees=aug.frame_degrees,
                                       shear=aug.frame_shear)
         del params["scale"]  # the video recipe has no per frame scale
-        image_out, mask_out = warp_frame(image, mask, frame @ crop, aug.size, IMAGE_MEAN_RGB)
-        frames.append(image_out)
-        out_masks.append(mask_out)
+        out = warp_frame(image, video_steps(crop, frame, (w, h), aug.size), aug.size, ids=mask)
+        params["fill"] = round(out.fill_fraction, 5)
+        frames.append(out.image)
+        out_masks.append(out.ids)
         frame_params.append(params)
     return np.stack(frames), np.stack(out_masks), {"clip": crop_params, "frames": frame_params}
