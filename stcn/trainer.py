@@ -626,6 +626,7 @@ class Trainer:
         timer = self.timer = StepTimer(self.device)
         window: list[torch.Tensor] = []
         nonfinite = 0
+        checkpoint_due = False
         self.check_later_phases()
         while self.iteration < stage.iterations:
             phase = stage.phase_index(self.iteration)
@@ -695,8 +696,13 @@ class Trainer:
                     monitor.message(f"checkpointed at iteration {self.iteration} ({reason})")
                     return stop_signal.status if signalled else "stopped"
                 if self.iteration % options.checkpoint_every == 0 or self.iteration == stage.iterations:
+                    checkpoint_due = True
+                # Weights that just gave a non-finite loss are suspect: the checkpoint waits
+                # for a finite step (or the end), so it never replaces a good one with them.
+                if checkpoint_due and (not skipped or self.iteration == stage.iterations):
                     if not self.save_checkpoint(loader, phase):
                         return self.diverged(monitor, "the weights are not finite")
+                    checkpoint_due = False
             self.bad_samples_before += loader.stats.bad_samples
         return "completed"
 
