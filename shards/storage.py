@@ -44,6 +44,8 @@ ENV_OPTIONS = "STCN_STORAGE_OPTIONS"
 # storage option keys handled here, not passed to fsspec
 _POLICY_KEYS = {"retries": "attempts", "retry_base_delay": "base_delay",
                 "retry_max_delay": "max_delay"}
+# objects of at least twice this size are uploaded in parts of this size (S3 minimum 5 MiB)
+MULTIPART_CHUNKSIZE = 50 << 20
 # option keys and environment variables whose values must never be shown
 _SECRET_KEYS = {"key", "secret", "token", "password", "username", "session_token",
                 "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
@@ -96,8 +98,8 @@ def parse_options(text_or_dict) -> dict:
     """`--storage-options` JSON (or a dict) -> {protocol: options}. Top-level keys apply to
     s3 (the object store); a protocol name ("s3", "gs", "http", ...) holding an object
     applies to that protocol. Friendly S3 keys: endpoint_url, path_style (bool), region;
-    retries, retry_base_delay, retry_max_delay set the retry policy; anything else is
-    passed to fsspec (e.g. key, secret, anon)."""
+    retries, retry_base_delay, retry_max_delay set the retry policy, multipart_chunksize
+    the upload part size; anything else is passed to fsspec (e.g. key, secret, anon)."""
     if text_or_dict is None or text_or_dict == "":
         return {}
     raw = text_or_dict
@@ -151,7 +153,8 @@ def retry_policy() -> RetryPolicy:
 
 
 def _fsspec_options(protocol: str) -> dict:
-    options = {k: v for k, v in _options().get(protocol, {}).items() if k not in _POLICY_KEYS}
+    options = {k: v for k, v in _options().get(protocol, {}).items()
+               if k not in _POLICY_KEYS and k != "multipart_chunksize"}
     if protocol in ("s3", "s3a"):
         client = dict(options.pop("client_kwargs", {}))
         config = dict(options.pop("config_kwargs", {}))
@@ -487,7 +490,10 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             return
         # One PUT (or a multipart upload completed after its last part): atomic on the
         # store itself, and idempotent, so retrying it is safe.
-        _retrying(url, "PUT", lambda: fs.pipe_file(path, bytes(data)))
+        chunk = int(_options().get(protocol(url), {}).get("multipart_chunksize",
+                                                          MULTIPART_CHUNKSIZE))
+        kw = {"chunksize": chunk} if protocol(url) in ("s3", "s3a") else {}
+        _retrying(url, "PUT", lambda: fs.pipe_file(path, bytes(data), **kw))
         return
     parent, _, name = path.rpartition("/")
     tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}" if parent else f".{name}.tmp-{uuid.uuid4().hex}"
