@@ -27,7 +27,8 @@ read_manifest(url_dir) -> Manifest              raises ManifestError with the fi
 merge_manifests(list[Manifest]) -> Manifest     sorted by name; rejects duplicate shard
                                                 names and differing version/schema/config
 encode_sample(sample) -> dict[str, bytes]       members: frames.jpg (the 3 frames as one
-decode_sample(members) -> sample                vertical JPEG strip), masks.u8.zlib,
+decode_sample(members) -> sample                vertical JPEG strip), masks.u8.zlib, soft.u8.zlib
+                                                (static clips only: 8-bit soft masks),
                                                 meta.json (see shards.codec for why)
 
 Reading

@@ -52,7 +52,7 @@ class MainRing:
     """Main-process side for one DataLoader pass: copies each batch out of its worker's
     buffer and releases it. `released` goes to the workers (shared memory)."""
 
-    def __init__(self, workers: int, names: tuple[str, ...] = ("frames", "masks"),
+    def __init__(self, workers: int, names: tuple[str, ...] = ("frames", "masks", "soft"),
                  size: int = DEFAULT_RING_SIZE):
         self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()
         self.names, self.size = names, size
@@ -64,8 +64,8 @@ class MainRing:
         """Give `batch` private copies of the ring tensors (pinned copies made by
         DataLoader's pin_memory are private already), then release the worker's buffer."""
         for name in self.names:
-            tensor = batch[name]
-            if not tensor.is_pinned():
+            tensor = batch.get(name)  # "soft" only in batches with static clips
+            if tensor is not None and not tensor.is_pinned():
                 self._mapped.append(tensor)
                 # numpy-allocated: numpy asks for transparent huge pages, so first-touch
                 # faults on the copy cost ~4x less than torch.clone's here

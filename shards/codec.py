@@ -11,7 +11,13 @@ is stored as three members:
                    little-endian uint16) then the raw bytes compressed with zlib level 1.
                    Every object id is kept. It decodes several times faster than PNG
                    (measured, see README) for a few KB per clip next to ~100 KB of JPEG.
+    soft.u8.zlib   optional (static clips): (T, H, W) uint8 soft masks, 0..255 for 0..1,
+                   in the label maps' format. The published static loader keeps the
+                   warped mask soft: frame 0's soft mask is the value encoder's input and
+                   the target is mask > 0.5 (the label maps hold that target).
     meta.json      the metadata dict, UTF-8 JSON with sorted keys.
+A sample may also carry "soft" (uint8 (T, H, W), or None); decoding gives "soft" (the array,
+or None when the sample has none).
 
 Decoding uses simplejpeg (libjpeg-turbo, decodes straight into a caller's buffer, strict
 about corrupt data) when installed, otherwise OpenCV. Any decode problem raises
@@ -35,7 +41,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 FRAMES = "frames.jpg"
 MASKS = "masks.u8.zlib"
 META = "meta.json"
-MEMBERS = (FRAMES, MASKS, META)
+SOFT = "soft.u8.zlib"
+MEMBERS = (FRAMES, MASKS, META)        # every sample has these
+OPTIONAL_MEMBERS = (SOFT,)
+#: Tar order: the optional members before meta.json, so a sample cut short by a truncated
+#: tar never looks complete without them.
+WRITE_ORDER = (FRAMES, MASKS, SOFT, META)
 DEFAULT_JPEG_QUALITY = 90
 _MASK_HEADER = struct.Struct("<3H")
 JPEG_DECODER = "simplejpeg" if simplejpeg is not None else "opencv"
@@ -75,6 +86,12 @@ def encode_sample(sample: dict, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> dic
         raise ValueError(f"sample {key}: masks must be a uint8 array {frames.shape[:3]} (T, H, W) "
                          f"matching the frames, got {getattr(masks, 'dtype', type(masks))} "
                          f"{getattr(masks, 'shape', '')}")
+    soft = sample.get("soft")
+    if soft is not None and (not isinstance(soft, np.ndarray) or soft.dtype != np.uint8
+                             or soft.shape != masks.shape):
+        raise ValueError(f"sample {key}: soft masks must be a uint8 array {masks.shape} "
+                         f"(T, H, W) like the masks, got {getattr(soft, 'dtype', type(soft))} "
+                         f"{getattr(soft, 'shape', '')}")
     t, h, w, _ = frames.shape
     strip = np.ascontiguousarray(frames).reshape(t * h, w, 3)
     ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(strip, cv2.COLOR_RGB2BGR),
@@ -86,8 +103,11 @@ def encode_sample(sample: dict, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> dic
         meta_bytes = json.dumps(meta, sort_keys=True, default=_json_default).encode("utf-8")
     except (TypeError, ValueError) as err:
         raise ValueError(f"sample {key}: meta is not JSON-serialisable: {err}") from None
-    return {"__key__": key, FRAMES: jpg.tobytes(), MASKS: encode_masks(masks),
-            META: meta_bytes}
+    members = {"__key__": key, FRAMES: jpg.tobytes(), MASKS: encode_masks(masks),
+               META: meta_bytes}
+    if soft is not None:
+        members[SOFT] = encode_masks(soft)
+    return members
 
 
 def encode_masks(masks: np.ndarray) -> bytes:
@@ -118,9 +138,11 @@ def decode_jpeg(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def decode_sample(members: dict[str, bytes], frames_out: np.ndarray | None = None,
-                  masks_out: np.ndarray | None = None) -> dict:
-    """Inverse of `encode_sample`. `frames_out` (T, H, W, 3) and `masks_out` (T, H, W)
-    uint8 receive the arrays in place (the loader decodes straight into its batch)."""
+                  masks_out: np.ndarray | None = None, soft_out: np.ndarray | None = None
+                  ) -> dict:
+    """Inverse of `encode_sample`. `frames_out` (T, H, W, 3), `masks_out` and `soft_out`
+    (T, H, W) uint8 receive the arrays in place (the loader decodes straight into its
+    batch); `soft_out` is zeroed for a sample without soft masks."""
     key = members.get("__key__", "?")
     missing = [m for m in MEMBERS if m not in members]
     if missing:
@@ -144,7 +166,25 @@ def decode_sample(members: dict[str, bytes], frames_out: np.ndarray | None = Non
         meta = json.loads(members[META].decode("utf-8"))
     except Exception as err:
         raise SampleDecodeError(f"sample {key}: {type(err).__name__}: {err}") from None
+    soft = None
+    if SOFT in members:
+        try:
+            soft = decode_masks(members[SOFT])
+        except Exception as err:
+            raise SampleDecodeError(f"sample {key}: soft masks: {type(err).__name__}: "
+                                    f"{err}") from None
+        if soft.shape != masks.shape:
+            raise SampleDecodeError(f"sample {key}: soft masks are {soft.shape}, the label "
+                                    f"maps {masks.shape}")
+        if soft_out is not None:
+            soft_out[...] = soft
+            soft = soft_out
+        else:
+            soft = soft.copy()
+    elif soft_out is not None:
+        soft_out[...] = 0
     if masks_out is not None:
         masks_out[...] = masks
     return {"__key__": key, "frames": strip.reshape(t, h, w, 3),
-            "masks": masks_out if masks_out is not None else masks.copy(), "meta": meta}
+            "masks": masks_out if masks_out is not None else masks.copy(), "soft": soft,
+            "meta": meta}

@@ -1,6 +1,6 @@
 """Shard set manifest: `manifest.json` beside the `*.tar` shards of one set.
 
-    {"version": 1,
+    {"version": 2,
      "schema": {member name: what it holds},
      "shards": [{"name": "shard-000000.tar", "count": 1000, "bytes": 123, "sha256": "..."}],
      "config": {... whatever generated the set ...}}
@@ -15,13 +15,16 @@ from dataclasses import asdict, dataclass, field
 
 from . import codec, storage
 
-FORMAT_VERSION = 1
+#: 2: static clips carry soft masks (codec.SOFT); version 1 sets lack them.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SCHEMA = {
     "__key__": "sample key, unique within the shard set, no dots",
     codec.FRAMES: "T RGB frames stacked vertically as one (T*H, W, 3) JPEG",
     codec.MASKS: "uint8 (T, H, W) object-id label maps (0 = background): "
                  "header <3H (T, H, W), then the raw bytes zlib-compressed",
+    codec.SOFT: "optional (static clips): uint8 (T, H, W) soft masks, 0..255 for 0..1, "
+                "in the label maps' format; the label maps hold soft > 0.5",
     codec.META: "JSON metadata: source set, video, frame indices, max_skip, seed, "
                 "objects, augmentation parameters",
 }
@@ -66,10 +69,14 @@ class Manifest:
         except (ValueError, KeyError, TypeError) as err:
             raise ManifestError(f"{where}: not a valid shard manifest "
                                 f"({type(err).__name__}: {err})") from None
+        if manifest.version < FORMAT_VERSION:
+            raise ManifestError(f"{where}: shard format version {manifest.version} is older "
+                                f"than this code's {FORMAT_VERSION} (static clips now carry "
+                                "soft masks); remake the set with `tools/make_shards ...` "
+                                "(the same command that made it)")
         if manifest.version != FORMAT_VERSION:
-            raise ManifestError(f"{where}: format version {manifest.version}, this code reads "
-                                f"version {FORMAT_VERSION}; regenerate the shards or update "
-                                "the code")
+            raise ManifestError(f"{where}: shard format version {manifest.version}, this code "
+                                f"reads version {FORMAT_VERSION}; update the code")
         names = [s.name for s in manifest.shards]
         unsafe = [n for n in names if not _safe_name(n)]
         if unsafe:

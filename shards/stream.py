@@ -279,6 +279,7 @@ class _StreamRun:
         for j in range(self.skip, n_batches):
             frames = masks = None  # numpy views of the batch tensors, made on first decode
             tensors: dict[str, torch.Tensor] = {}
+            soft = _SoftMasks(self, tensors, b)
             buffers = self.ring.slot(j - self.skip) if self.ring is not None else None
             metas, keys, bad_slots = [None] * b, [None] * b, []
             for slot, i in enumerate(self.order[j * b:(j + 1) * b]):
@@ -299,19 +300,21 @@ class _StreamRun:
                                                   sample["masks"].shape)
                         frames[slot], masks[slot] = sample["frames"], sample["masks"]
                     else:
-                        sample = decode_sample(members, frames[slot], masks[slot])
+                        sample = decode_sample(members, frames[slot], masks[slot],
+                                               soft.out(slot))
                 except SampleDecodeError as err:
                     self._bad_sample(where, str(err), planned)
                     bad_slots.append(slot)
                     continue
+                soft.took(slot, sample, buffers)
                 metas[slot], keys[slot] = sample["meta"], sample["__key__"]
                 self.last_good = members
                 self.stats.samples_read += 1
             if bad_slots and self.last_good is None:
                 self._look_ahead_for_a_good_sample(reader, held)
-            self._fill_bad_slots(bad_slots, tensors, buffers, frames, masks, metas, keys)
+            self._fill_bad_slots(bad_slots, tensors, buffers, frames, masks, metas, keys, soft)
             self._count_fetches()
-            yield {"frames": tensors["frames"], "masks": tensors["masks"],
+            yield {"frames": tensors["frames"], "masks": tensors["masks"], **soft.batch(),
                    "meta": metas, "__key__": keys,
                    "_stream": self.k, "_stream_batch": j, "_stats": asdict(self.stats),
                    "_worker": self.worker}
@@ -357,7 +360,8 @@ class _StreamRun:
                 self.last_good = members
                 return
 
-    def _fill_bad_slots(self, bad_slots, tensors, buffers, frames, masks, metas, keys) -> None:
+    def _fill_bad_slots(self, bad_slots, tensors, buffers, frames, masks, metas, keys,
+                        soft: "_SoftMasks") -> None:
         """Decode a duplicate of the stream's latest good sample into every bad slot
         (allocating the batch arrays if no sample of this batch was good)."""
         if not bad_slots:
@@ -371,9 +375,38 @@ class _StreamRun:
                 sample = decode_sample(self.last_good)
                 frames = self._batch_array(tensors, buffers, "frames", sample["frames"].shape)
                 masks = self._batch_array(tensors, buffers, "masks", sample["masks"].shape)
-            sample = decode_sample(self.last_good, frames[slot], masks[slot])
+            sample = decode_sample(self.last_good, frames[slot], masks[slot], soft.out(slot))
+            soft.took(slot, sample, buffers)
             metas[slot], keys[slot] = sample["meta"], sample["__key__"]
             self.stats.substituted += 1
+
+
+class _SoftMasks:
+    """The soft masks of one batch (static clips, see shards.codec): the batch gets "soft"
+    (uint8 (B, T, H, W), zero for a clip without) and "has_soft" (bool (B,)) only when one
+    of its clips has them, so video batches cost nothing more."""
+
+    def __init__(self, run: _StreamRun, tensors: dict, batch_size: int):
+        self.run, self.tensors, self.array = run, tensors, None
+        self.present = [False] * batch_size
+
+    def out(self, slot: int) -> np.ndarray | None:
+        return None if self.array is None else self.array[slot]
+
+    def took(self, slot: int, sample: dict, buffers) -> None:
+        if sample["soft"] is None:
+            return
+        self.present[slot] = True
+        if self.array is None:  # the batch's first soft masks: the earlier slots have none
+            self.array = self.run._batch_array(self.tensors, buffers, "soft",
+                                               sample["soft"].shape)
+            self.array[...] = 0
+            self.array[slot] = sample["soft"]
+
+    def batch(self) -> dict:
+        if self.array is None:
+            return {}
+        return {"soft": self.tensors["soft"], "has_soft": torch.tensor(self.present)}
 
 
 class ClipLoader:

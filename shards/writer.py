@@ -35,7 +35,8 @@ def sample_tar_bytes(members: dict[str, bytes]) -> bytes:
     if missing:
         raise ValueError(f"encoded sample {key!r} lacks {', '.join(missing)}; encode samples "
                          "with shards.encode_sample")
-    return b"".join(_member_bytes(f"{key}.{m}", members[m]) for m in codec.MEMBERS)
+    return b"".join(_member_bytes(f"{key}.{m}", members[m]) for m in codec.WRITE_ORDER
+                    if m in members)
 
 
 # Two zero blocks end a tar archive. We stop there instead of padding to tarfile's

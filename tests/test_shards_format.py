@@ -122,6 +122,42 @@ def test_merge_manifests_sorts_and_rejects_conflicts():
         shards.merge_manifests([a, shards.Manifest(shards=[], config={"seed": 2})])
 
 
+def test_soft_masks_round_trip_and_are_checked():
+    """Static clips carry 8-bit soft masks (an optional member, written before meta.json);
+    clips without them decode to soft None, and decoding in place zeroes the slot."""
+    clip = clips(1)[0]
+    soft = np.random.default_rng(1).integers(0, 256, clip["masks"].shape, dtype=np.uint8)
+    members = shards.encode_sample({**clip, "soft": soft})
+    back = shards.decode_sample(members)
+    np.testing.assert_array_equal(back["soft"], soft)  # lossless
+    out = np.full(soft.shape, 7, np.uint8)
+    assert shards.decode_sample(members, soft_out=out)["soft"] is out
+    np.testing.assert_array_equal(out, soft)
+    assert shards.decode_sample(shards.encode_sample(clip), soft_out=out)["soft"] is None
+    assert not out.any()
+    with pytest.raises(ValueError, match="soft masks must be"):
+        shards.encode_sample({**clip, "soft": soft[:, :-1]})
+    bad = dict(members, **{"soft.u8.zlib": members["soft.u8.zlib"][:-3]})
+    with pytest.raises(shards.SampleDecodeError, match="soft"):
+        shards.decode_sample(bad)
+    # the tar holds it before meta.json, and reading the shard back keeps it
+    root = f"memory://soft-{uuid.uuid4().hex}"
+    info = shards.write_shard(f"{root}/a.tar", [{**clip, "soft": soft}])
+    raw = fsspec.filesystem("memory").cat(f"/{root[9:]}/a.tar")
+    names = tarfile.open(fileobj=io.BytesIO(raw)).getnames()
+    assert names.index(f"{clip['__key__']}.soft.u8.zlib") < names.index(f"{clip['__key__']}.meta.json")
+    shards.write_manifest(root, shards.Manifest(shards=[info]))
+    np.testing.assert_array_equal(next(shards.iter_samples(root))["soft"], soft)
+
+
+def test_older_format_versions_are_refused_with_the_fix():
+    root = f"memory://old-{uuid.uuid4().hex}"
+    manifest = shards.Manifest(version=1).to_json()
+    fsspec.filesystem("memory").pipe(f"/{root[9:]}/manifest.json", manifest.encode())
+    with pytest.raises(shards.ManifestError, match=r"version 1 is older.*remake.*tools/make_shards"):
+        shards.read_manifest(root)
+
+
 def test_read_manifest_errors_are_clear():
     root = f"memory://nomani-{uuid.uuid4().hex}"
     with pytest.raises(shards.ManifestError, match="no manifest"):
@@ -169,3 +205,36 @@ def test_writing_side_does_not_load_torch():
     code = ("import sys, shards; shards.write_shard; shards.read_manifest; shards.iter_samples; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_hands_soft_masks_to_the_trainer(workers, tmp_path):
+    """Batches with static clips carry "soft" (zero for clips without) and "has_soft";
+    batches of video clips only have neither."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    data = clips(12, size=16, seed=5)
+    softs = {}
+    root = str(tmp_path / "set")  # (DataLoader workers do not see the parent's memory://)
+    with shards.ShardWriter(root, max_count=4) as writer:
+        for i, clip in enumerate(data):
+            if i % 3 == 0:
+                softs[clip["__key__"]] = rng.integers(1, 256, clip["masks"].shape, dtype=np.uint8)
+                clip = {**clip, "soft": softs[clip["__key__"]]}
+            writer.write(clip)
+    shards.write_manifest(root, shards.Manifest(shards=writer.infos))
+    seen = 0
+    for batch in shards.make_loader(root, batch_size=3, num_workers=workers, seed=1):
+        if not any(k in softs for k in batch["__key__"]):
+            assert "soft" not in batch and "has_soft" not in batch
+            continue
+        assert batch["soft"].shape == batch["masks"].shape and batch["soft"].dtype == torch.uint8
+        for slot, key in enumerate(batch["__key__"]):
+            assert bool(batch["has_soft"][slot]) == (key in softs)
+            if key in softs:
+                np.testing.assert_array_equal(batch["soft"][slot].numpy(), softs[key])
+                seen += 1
+            else:
+                assert not batch["soft"][slot].any()
+    assert seen == len(softs)
