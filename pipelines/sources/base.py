@@ -63,6 +63,15 @@ def decode_binary_mask(data: bytes, where: str) -> np.ndarray:
     return (gray > 127).astype(np.uint8)
 
 
+def decode_gray_mask(data: bytes, where: str) -> np.ndarray:
+    """A saliency mask as 8-bit gray (0..255, any PNG mode): the static pipeline warps it
+    as a soft mask and thresholds it at half intensity afterwards, as published."""
+    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        raise ValueError(f"{where}: not a readable mask image")
+    return gray
+
+
 def list_dir(path: Path, expected: str) -> list[str]:
     """Sorted entry names of a directory, or a LayoutError naming it."""
     if not path.is_dir():
