@@ -86,32 +86,40 @@ def prepare_batch(
     crop: int | None = None,
     crop_mode: str = "random",
     channels_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    soft: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loader batch -> network input.
 
-    frames: uint8 (B, T, H, W, 3); masks: uint8 (B, T, H, W). Returns frames as normalised
-    float (B, T, 3, S, S) and masks as uint8 (B, T, S, S) on `device`, S = crop or H.
-    Random draws come from `generator` (a CPU generator, so its state is portable).
+    frames: uint8 (B, T, H, W, 3); masks: uint8 (B, T, H, W); soft: the batch's uint8 soft
+    masks (B, T, H, W) of static clips, or None. Returns frames as normalised float
+    (B, T, 3, S, S), masks as uint8 (B, T, S, S) and the soft masks as float 0..1
+    (B, T, S, S) or None, on `device`, S = crop or H; the soft masks take every geometric
+    step the masks take. Random draws come from `generator` (a CPU generator, so its state
+    is portable) and do not depend on `soft`.
     """
     device = torch.device(device)
     frames = frames.to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255)
     masks = masks.to(device, non_blocking=True)
+    if soft is not None:
+        soft = soft.to(device, non_blocking=True).float().div_(255)
     if crop is not None:
-        frames, masks = reduce_resolution(frames, masks, crop, crop_mode, generator)
-    frames, masks = augment(frames, masks, augmentation, generator)
+        frames, masks, soft = reduce_resolution(frames, masks, crop, crop_mode, generator, soft)
+    frames, masks, soft = augment(frames, masks, augmentation, generator, soft)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
     frames = (frames - mean) / std
     if channels_last:
         b, t = frames.shape[:2]
         frames = frames.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, t))
-    return frames, masks
+    return frames, masks, soft
 
 
 def reduce_resolution(
-    frames: torch.Tensor, masks: torch.Tensor, size: int, mode: str, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop (random or centred, same window for the clip's frames) or resize clips to size x size."""
+    frames: torch.Tensor, masks: torch.Tensor, size: int, mode: str, generator: torch.Generator,
+    soft: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Crop (random or centred, same window for the clip's frames) or resize clips to size x size;
+    float soft masks (B, T, H, W), if given, go with the masks (resized bilinear)."""
     if mode not in CROP_MODES:
         raise ValueError(f"unknown crop mode {mode!r}: expected one of {CROP_MODES}")
     b, t, _, h, w = frames.shape
@@ -122,7 +130,10 @@ def reduce_resolution(
                                align_corners=False, antialias=True).unflatten(0, (b, t))
         masks = F.interpolate(masks.flatten(0, 1)[:, None].float(), size=(size, size),
                               mode="nearest")[:, 0].to(torch.uint8).unflatten(0, (b, t))
-        return frames, masks
+        if soft is not None:
+            soft = F.interpolate(soft.flatten(0, 1)[:, None], size=(size, size), mode="bilinear",
+                                 align_corners=False, antialias=True)[:, 0].unflatten(0, (b, t))
+        return frames, masks, soft
     if mode == "center":
         tops = torch.full((b,), (h - size) // 2)
         lefts = torch.full((b,), (w - size) // 2)
@@ -133,13 +144,18 @@ def reduce_resolution(
                           for i, (y, x) in enumerate(zip(tops.tolist(), lefts.tolist()))])
     masks = torch.stack([masks[i, :, y:y + size, x:x + size]
                          for i, (y, x) in enumerate(zip(tops.tolist(), lefts.tolist()))])
-    return frames, masks
+    if soft is not None:
+        soft = torch.stack([soft[i, :, y:y + size, x:x + size]
+                            for i, (y, x) in enumerate(zip(tops.tolist(), lefts.tolist()))])
+    return frames, masks, soft
 
 
 def augment(
-    frames: torch.Tensor, masks: torch.Tensor, augmentation: OnlineAugmentation, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the online steps to float frames in [0, 1], (B, T, 3, H, W), and uint8 masks."""
+    frames: torch.Tensor, masks: torch.Tensor, augmentation: OnlineAugmentation, generator: torch.Generator,
+    soft: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Apply the online steps to float frames in [0, 1], (B, T, 3, H, W), uint8 masks and
+    (optional) float soft masks (B, T, H, W), which are flipped with the masks."""
     b, t = frames.shape[:2]
     device = frames.device
 
@@ -150,6 +166,8 @@ def augment(
         flip = uniform((b,), 0, 1) < augmentation.flip_p
         frames = torch.where(flip.view(b, 1, 1, 1, 1), frames.flip(-1), frames)
         masks = torch.where(flip.view(b, 1, 1, 1), masks.flip(-1), masks)
+        if soft is not None:
+            soft = torch.where(flip.view(b, 1, 1, 1), soft.flip(-1), soft)
     if augmentation.clip_jitter is not None:
         frames = color_jitter(frames, augmentation.clip_jitter, (b, 1), uniform)
     if augmentation.frame_jitter is not None:
@@ -157,7 +175,7 @@ def augment(
     if augmentation.grayscale_p > 0:
         gray = uniform((b,), 0, 1) < augmentation.grayscale_p
         frames = torch.where(gray.view(b, 1, 1, 1, 1), grayscale(frames).expand_as(frames), frames)
-    return frames, masks
+    return frames, masks, soft
 
 
 def color_jitter(frames: torch.Tensor, jitter: ColorJitter, shape: tuple[int, int], uniform) -> torch.Tensor:

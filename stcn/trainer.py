@@ -202,21 +202,31 @@ def select_objects(metas: list[Mapping[str, Any]], rng: np.random.Generator,
     return targets, seconds
 
 
-def clip_targets(masks: torch.Tensor, targets: list[int], seconds: list[int]) -> dict[str, torch.Tensor]:
+def clip_targets(masks: torch.Tensor, targets: list[int], seconds: list[int],
+                 soft: torch.Tensor | None = None, has_soft: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Network inputs and CE targets from uint8 id maps (B, 3, H, W).
 
     first/second: (B, 1, H, W) float masks of frame 0; selector (B, 2);
     classes: (B, 3, H, W) long, 0 background, 1 target, 2 second object.
+    soft (float 0..1, (B, 3, H, W)) and has_soft (bool (B,)): the soft masks of static clips
+    (single object). As published, such a clip's target is soft > 0.5 and the value
+    encoder sees frame 0's soft mask itself.
     """
     ids = masks.long()
     target = torch.tensor(targets, device=masks.device).view(-1, 1, 1, 1)
     second = torch.tensor(seconds, device=masks.device).view(-1, 1, 1, 1)
     is_target = ids == target
+    first = is_target[:, :1].float()
+    if soft is not None:
+        use_soft = (has_soft.to(masks.device).view(-1, 1, 1, 1) & (target >= 0))
+        is_target = torch.where(use_soft, soft > 0.5, is_target)
+        first = torch.where(use_soft, soft[:, :1].float(), first)
     is_second = (ids == second) & (second >= 0)
     classes = is_target.long() + 2 * is_second.long()
     selector = torch.stack([torch.ones(len(targets)), (torch.tensor(seconds) >= 0).float()], 1)
     return {
-        "first": is_target[:, :1].float(),
+        "first": first,
         "second": is_second[:, :1].float(),
         "selector": selector.to(masks.device),
         "classes": classes,
@@ -614,6 +624,7 @@ class Trainer:
             "clips_per_s": totals.get("clips_per_s", 0.0) * self.context.world_size,
             "data_wait_fraction": totals.get("data_wait_fraction"),
             "world_size": self.context.world_size,
+            "bad_samples": metrics.get("bad_samples"),  # whole run: every phase, every resume
             "checkpoints": [str(path) for _, path in self.checkpoints.checkpoints()],
             "weights": str(result.weights_path) if result.weights_path else None,
         })
@@ -642,11 +653,13 @@ class Trainer:
             while self.iteration < stage.phase_end_iteration(phase):
                 batch = next(batches)
                 timer.data_ready()
-                frames, masks = prepare_batch(batch["frames"], batch["masks"], augmentation,
-                                              self.augment_rng, self.device, options.crop,
-                                              options.crop_mode, options.channels_last)
+                frames, masks, soft = prepare_batch(batch["frames"], batch["masks"], augmentation,
+                                                    self.augment_rng, self.device, options.crop,
+                                                    options.crop_mode, options.channels_last,
+                                                    batch.get("soft"))
                 targets = clip_targets(masks, *select_objects(batch["meta"], self.sample_rng,
-                                                              stage.single_object))
+                                                              stage.single_object),
+                                       soft, batch.get("has_soft"))
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.step(frames, targets)
                 figures = torch.stack([out["loss"].detach(), out["loss_frame1"].detach(),

@@ -31,6 +31,8 @@ SIZE = 32
 def write_set(url: str, name: str, clips: int, seed: int, online=None, source="davis", max_skip=5) -> str:
     rng = np.random.default_rng(seed)
     samples = [make_clip(rng, f"{name}{i:03d}-0", size=SIZE, n_objects=1 + i % 3) for i in range(clips)]
+    if source == "static":  # static clips carry soft masks (0.9 here) for the value encoder
+        samples = [{**s, "soft": (s["masks"] == 1).astype(np.uint8) * 230} for s in samples]
     half = clips // 2
     infos = [shards.write_shard(f"{url}/shard-000000.tar", samples[:half]),
              shards.write_shard(f"{url}/shard-000001.tar", samples[half:])]

@@ -122,6 +122,25 @@ def test_object_selection_and_targets():
     assert single_seconds == [-1] and single_targets[0] in (3, 5)
 
 
+def test_static_soft_masks_feed_the_value_encoder_and_threshold_the_target():
+    """Published static rule: frame 0's soft mask (0..1) is the value encoder's input, the
+    target is soft > 0.5; clips without soft masks keep their id maps."""
+    soft = torch.zeros(3, 3, 4, 4)
+    soft[0, :, 1] = torch.tensor([0.2, 0.5, 0.51, 1.0])
+    soft[1, :, 2] = 0.9       # no soft masks for this clip: has_soft False
+    soft[2, :, 0] = 0.8       # soft masks, but no eligible target
+    masks = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
+    masks[0, :, 3] = 1        # disagrees with soft on purpose: soft decides for clip 0
+    masks[1, :, 0] = 1
+    out = clip_targets(masks, [1, 1, -1], [-1, -1, -1], soft, torch.tensor([True, False, True]))
+    assert torch.equal(out["first"][0, 0], soft[0, 0])  # 0.2, 0.5, 0.51, 1.0 kept soft
+    assert out["classes"][0, :, 1].tolist() == [[0, 0, 1, 1]] * 3  # > 0.5, not >=
+    assert out["classes"][0, :, 3].sum() == 0
+    assert torch.equal(out["first"][1, 0], (masks[1, 0] == 1).float())
+    assert out["classes"][1, :, 0].eq(1).all() and out["classes"][1, :, 2].sum() == 0
+    assert out["first"][2].sum() == 0 and out["classes"][2].sum() == 0
+
+
 # ----------------------------------------------------------------------------- augmentation
 def _batch(b=2, size=32):
     g = torch.Generator().manual_seed(1)
@@ -132,7 +151,8 @@ def _batch(b=2, size=32):
 
 def test_prepare_batch_normalises_without_online_steps():
     frames, masks = _batch()
-    out, out_masks = prepare_batch(frames, masks, OnlineAugmentation(), torch.Generator(), "cpu")
+    out, out_masks, soft = prepare_batch(frames, masks, OnlineAugmentation(), torch.Generator(), "cpu")
+    assert soft is None
     expected = (frames.permute(0, 1, 4, 2, 3).float() / 255 - 0.485) / 0.229
     assert torch.allclose(out[:, :, 0], expected[:, :, 0], atol=1e-5)
     assert torch.equal(out_masks, masks)
@@ -146,10 +166,14 @@ def test_online_steps_are_deterministic_and_flip_frames_with_masks():
     assert augmentation == OnlineAugmentation.from_spec(
         ["hflip", {"name": "color_jitter_clip", "hue": 0.05}, "color_jitter_frame", {"name": "grayscale", "p": 0.5}])
     a = prepare_batch(frames, masks, augmentation, torch.Generator().manual_seed(3), "cpu")
-    b = prepare_batch(frames, masks, augmentation, torch.Generator().manual_seed(3), "cpu")
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    soft = torch.randint(0, 256, masks.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    b = prepare_batch(frames, masks, augmentation, torch.Generator().manual_seed(3), "cpu", soft=soft)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # soft masks draw nothing
     flipped = [i for i in range(8) if torch.equal(a[1][i], masks[i].flip(-1))]
     assert 0 < len(flipped) < 8  # p = 0.5 over 8 clips
+    for i in range(8):  # the soft masks (0..1) are flipped with the masks
+        want = soft[i].flip(-1) if i in flipped else soft[i]
+        assert torch.allclose(b[2][i], want.float() / 255)
     gray = (a[0][:, 0, 0] * 0.229 + 0.485 - (a[0][:, 0, 1] * 0.224 + 0.456)).abs().amax(dim=(1, 2)) < 1e-5
     assert gray.any()
     with pytest.raises(ValueError, match="unknown online augmentation step"):
@@ -161,12 +185,19 @@ def test_online_steps_are_deterministic_and_flip_frames_with_masks():
 @pytest.mark.parametrize("mode", ["random", "center", "resize"])
 def test_reduced_resolution(mode):
     frames, masks = _batch(size=64)
-    out, out_masks = prepare_batch(frames, masks, OnlineAugmentation(), torch.Generator().manual_seed(0),
-                                   "cpu", crop=32, crop_mode=mode)
+    out, out_masks, _ = prepare_batch(frames, masks, OnlineAugmentation(), torch.Generator().manual_seed(0),
+                                      "cpu", crop=32, crop_mode=mode)
     assert out.shape == (2, 3, 3, 32, 32) and out_masks.shape == (2, 3, 32, 32)
     assert out_masks.dtype == torch.uint8 and set(out_masks.unique().tolist()) <= {0, 1, 2}
     if mode == "center":
         assert torch.equal(out_masks, masks[:, :, 16:48, 16:48])
+    # soft masks take the same window (a scaled copy of the masks must stay one)
+    _, with_soft, soft = prepare_batch(frames, masks, OnlineAugmentation(),
+                                       torch.Generator().manual_seed(0), "cpu", crop=32,
+                                       crop_mode=mode, soft=masks * 100)
+    assert torch.equal(with_soft, out_masks) and soft.shape == (2, 3, 32, 32)
+    if mode != "resize":
+        assert torch.allclose(soft, out_masks.float() * 100 / 255)
 
 
 # ----------------------------------------------------------------------------- checkpoints
