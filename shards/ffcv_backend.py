@@ -69,6 +69,10 @@ class _SetAsIndexed:
                                  f"{info.count}; run tools/verify_shards")
             self._cached = (shard, members)
         members = self._cached[1][index - self.starts[shard]]
+        if codec.SOFT in members:  # refuse rather than drop them silently
+            raise ValueError(f"shard {self.shards[shard].name}: sample {members['__key__']} has "
+                             "soft masks (static clips), which the FFCV backend does not store; "
+                             "train static sets from the tar shards")
         masks = codec.decode_masks(members[codec.MASKS])
         t, h, w = masks.shape
         info = {"__key__": members["__key__"], "meta": json.loads(members[codec.META])}
