@@ -60,7 +60,9 @@ def test_clips_shapes_ids_and_skips(data, tmp_path, kind, max_skip):
         assert set(meta["objects"]) <= set(np.unique(masks[0]).tolist()) - {0}
         if kind == "static":
             assert meta["frame_index"] == [0, 0, 0]
+            assert np.array_equal(masks, s["soft"] > 127)  # soft masks kept; ids: soft > 0.5
             continue
+        assert s["soft"] is None
         assert meta["objects"], "every video clip here has an eligible object"
         a, b, c = sorted(meta["frame_index"])
         # published rule: gaps up to J + 1 (J = listed max skip); end clamps may repeat a frame
