@@ -328,7 +328,7 @@ def test_jf_without_empty_frames_and_what_was_left_out(tmp_path):
     for obj, figures in scores["per_video"]["sparse"]["objects"].items():
         assert figures["J"] == pytest.approx(iou[obj]) and figures["F"] == pytest.approx(boundary[obj])
     table = evaluation.format_scores(scores)
-    assert "sparse" in table and "without the 8 of 20 scored object-frames" in table
+    assert "sparse" in table and "leaves out 8 of 20 scored object-frames" in table
 
 
 def test_eval_prints_per_video_table_and_writes_it_as_csv(eval_cli, data, tmp_path):

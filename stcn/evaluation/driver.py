@@ -107,8 +107,8 @@ def format_scores(scores: dict) -> str:
     left = scores["left_out"]
     lines.append(f"{'mean over objects':<24} {_cells(scores)}   {_cells(scores['without_empty'])}  "
                  f"{left['object_frames']}/{left['of']}")
-    lines.append(f"* without the {left['object_frames']} of {left['of']} scored object-frames "
-                 f"that are {left['rule']}; the standard figures count them as perfect")
+    lines.append(f"* leaves out {left['object_frames']} of {left['of']} scored object-frames: "
+                 f"{left['rule']} (the standard figures count them as perfect)")
     return "\n".join(lines)
 
 
