@@ -33,14 +33,16 @@ class Setting:
 
 
 def jpeg(quality: int, sampling: str) -> Setting:
-    factor = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
-              "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}[sampling]
-    return Setting(f"JPEG q{quality} {sampling[0]}:{sampling[1]}:{sampling[2]}", ".jpg",
-                   (cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor))
+    default = (quality, sampling) == (codec.DEFAULT_JPEG_QUALITY, codec.DEFAULT_JPEG_SAMPLING)
+    return Setting(f"JPEG q{quality} {sampling[0]}:{sampling[1]}:{sampling[2]}"
+                   + (" (default)" if default else ""), ".jpg",
+                   (cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                    codec.JPEG_SAMPLING[sampling]))
 
 
-#: q90 4:2:0 (the shards' setting before this measurement), the issue's q95 4:4:4, the two
-#: steps between them (quality alone, chroma alone), and two lossless references
+#: q90 4:2:0 (the shards' setting before this measurement, the ratios' reference), the
+#: issue's q95 4:4:4, the two steps between them (quality alone, chroma alone), and two
+#: lossless references
 SETTINGS = (jpeg(90, "420"), jpeg(95, "420"), jpeg(90, "444"), jpeg(95, "444"),
             Setting("PNG (lossless, level 1)", ".png", (cv2.IMWRITE_PNG_COMPRESSION, 1), False),
             Setting("WebP (lossless)", ".webp", (cv2.IMWRITE_WEBP_QUALITY, 101), False))

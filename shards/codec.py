@@ -5,7 +5,8 @@ A clip sample (the project's data contract):
      "meta": JSON-serialisable dict}
 is stored as three members:
     frames.jpg     the T frames stacked vertically into ONE (T*H, W, 3) baseline JPEG
-                   (quality 90, 4:2:0). One decoder call per clip is faster than T calls
+                   (quality 90, 4:4:4: chosen on tools/bench_codec, see README "Fidelity").
+                   One decoder call per clip is faster than T calls
                    and the strip stays viewable with any image tool.
     masks.u8.zlib  the (T, H, W) uint8 label maps: a 6-byte header (T, H, W as
                    little-endian uint16) then the raw bytes compressed with zlib level 1.
@@ -48,6 +49,12 @@ OPTIONAL_MEMBERS = (SOFT,)
 #: tar never looks complete without them.
 WRITE_ORDER = (FRAMES, MASKS, SOFT, META)
 DEFAULT_JPEG_QUALITY = 90
+#: chroma subsampling of the frames: 4:4:4 keeps colour edges on the mask edges (4:2:0 costs
+#: 3.4 dB of PSNR for 21% fewer bytes; measured by tools/bench_codec, see README "Fidelity")
+JPEG_SAMPLING = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+                 "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+                 "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}
+DEFAULT_JPEG_SAMPLING = "444"
 _MASK_HEADER = struct.Struct("<3H")
 JPEG_DECODER = "simplejpeg" if simplejpeg is not None else "opencv"
 
@@ -73,8 +80,10 @@ def check_key(key: Any) -> str:
     return key
 
 
-def encode_sample(sample: dict, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> dict[str, bytes]:
-    """Encode a clip sample into {"__key__": key, member name: bytes}."""
+def encode_sample(sample: dict, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+                  jpeg_sampling: str = DEFAULT_JPEG_SAMPLING) -> dict[str, bytes]:
+    """Encode a clip sample into {"__key__": key, member name: bytes}; `jpeg_sampling` is
+    a key of JPEG_SAMPLING (chroma subsampling)."""
     key = check_key(sample.get("__key__"))
     frames, masks = sample.get("frames"), sample.get("masks")
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
@@ -95,7 +104,8 @@ def encode_sample(sample: dict, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> dic
     t, h, w, _ = frames.shape
     strip = np.ascontiguousarray(frames).reshape(t * h, w, 3)
     ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(strip, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+                           [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality),
+                            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, JPEG_SAMPLING[jpeg_sampling]])
     if not ok:
         raise ValueError(f"sample {key}: JPEG encoding failed for frames {frames.shape}")
     meta = sample.get("meta", {})

@@ -131,9 +131,21 @@ def test_codec_bench_orders_the_settings(tmp_path):
     assert clips[0].shape == (3, 384, 384, 3)
     rows = {s.name: measure(clips, s, repeats=1) for s in SETTINGS}
     q90, q95 = rows["JPEG q90 4:2:0"], rows["JPEG q95 4:4:4"]
+    assert rows["JPEG q90 4:4:4 (default)"]["psnr"] > q90["psnr"]
     assert 30 < q90["psnr"] < q95["psnr"] < math.inf and q90["bytes"] < q95["bytes"]
     assert rows["PNG (lossless, level 1)"]["psnr"] == math.inf
     assert rows["WebP (lossless)"]["psnr"] == math.inf
     table = format_table(list(rows.values()))
     assert len(table) == 2 + len(SETTINGS) and "| JPEG q90 4:2:0 |" in table[2]
     assert table[2].split("|")[4].strip() == "1.00"  # bytes ratio of the reference row
+
+
+def test_shard_frames_are_jpeg_444_by_default():
+    import simplejpeg
+    from shards.codec import FRAMES, encode_sample
+    rng = np.random.default_rng(0)
+    sample = {"__key__": "k", "frames": rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8),
+              "masks": np.zeros((3, 16, 16), np.uint8), "meta": {}}
+    assert simplejpeg.decode_jpeg_header(encode_sample(sample)[FRAMES])[3] == "444"
+    assert simplejpeg.decode_jpeg_header(
+        encode_sample(sample, jpeg_sampling="420")[FRAMES])[3] == "420"
