@@ -31,9 +31,12 @@ CHAIN = REPO / "jobs" / "slurm" / "chain.sh"
 # a GPU node; command-line options override them, as on a real cluster).
 CPU_JOB = ["--cpus-per-task=1", "--mem-per-cpu=1G", "--gpus-per-node=0"]
 SHARD_ARGS = ["--max-skip", "5", "--clips", "180", "--clips-per-shard", "3", "--subset", "all"]
+_TRAIN_SOURCE = (REPO / "tools" / "train").read_text()
 # Stage 0 starts from random weights; the trainer may ask for that to be said explicitly.
-FROM_SCRATCH = ["--from-scratch"] if "--from-scratch" in (REPO / "tools" / "train").read_text() else []
-TRAIN_ARGS = ["--batch-size", "1", "--crop", "32", "--workers", "0", "--device", "cpu", "--no-progress",
+FROM_SCRATCH = ["--from-scratch"] if "--from-scratch" in _TRAIN_SOURCE else []
+# A run meant to be cut by its time limit streams the tiny set many times over.
+ALLOW_REPEATS = ["--allow-repeats"] if "--allow-repeats" in _TRAIN_SOURCE else []
+TRAIN_ARGS = ["--batch-size", "1", "--crop", "32", "--workers", "0", "--device", "cpu",
               "--deterministic", "--checkpoint-every", "100000", "--keep-last", "1", "--snapshot-every", "0",
               "--log-every", "1", "--image-every", "0", *FROM_SCRATCH]
 # One thread per process everywhere: the same arithmetic in and out of SLURM.
@@ -140,6 +143,10 @@ def train_job(slurm, run_dir: Path, log: Path, shards: Path, *sbatch_args: str, 
                         "--iterations", str(iterations), *TRAIN_ARGS, *extra, cwd=REPO, env=ENV)
 
 
+#: Iterations of a run that a 1-minute time limit cuts (CPU steps take about a second).
+LONG = 5000
+
+
 def training_started(run_dir: Path):
     # The loop has begun (signal handlers installed) once TensorBoard has an event file.
     return list((run_dir / "tensorboard").glob("events.*"))
@@ -153,7 +160,7 @@ def time_limit_job(slurm, data, tmp_path_factory):
     root = tmp_path_factory.mktemp("time_limit")
     log = root / "job.out"
     job = train_job(slurm, root / "run", log, data / "local", "--time=1", "--signal=B:URG@1",
-                    iterations=100000)
+                    iterations=LONG, extra=ALLOW_REPEATS)
     return job, root / "run", log
 
 
@@ -196,12 +203,12 @@ def test_slurm_train_sigterm_at_time_limit_leaves_resumable_checkpoint(slurm, da
     checkpoints = sorted(run_dir.glob("checkpoint_*.pt"))
     assert len(checkpoints) == 1, text
     stopped_at = torch.load(checkpoints[0], map_location="cpu", weights_only=False)["iteration"]
-    assert 0 < stopped_at < 100000
+    assert 0 < stopped_at < LONG
 
     # Submitting the same job again continues from that checkpoint.
     again_log = log.with_name("again.out")
-    again = train_job(slurm, run_dir, again_log, data / "local", "--time=5", iterations=100000,
-                      extra=["--stop-after", str(stopped_at + 1)])
+    again = train_job(slurm, run_dir, again_log, data / "local", "--time=10", iterations=LONG,
+                      extra=[*ALLOW_REPEATS, "--stop-after", str(stopped_at + 1)])
     record = slurm.wait_done(again, timeout=200, log=again_log)[0]
     text = log_text(again_log)
     assert record["JobState"] == "COMPLETED", text
