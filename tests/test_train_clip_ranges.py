@@ -132,3 +132,104 @@ def test_check_counts_clips_and_names_the_fix():
     assert all(p.fits for p in check_phase_clips(stage, sets, totals, world_size=1))
     heavy = [dict(s, **{"root/davis/skip5": 5.0}) if "root/davis/skip5" in s else s for s in sets]
     assert not phase_clips(stage, heavy, 0, totals, world_size=1).fits
+
+
+# ------------------------------------------------------------------ the trainer, in process
+
+def _write_train_set(url, name, clips, source, max_skip):
+    rng = np.random.default_rng(abs(hash(url)) % 2**32)
+    samples = [make_clip(rng, f"{name}{i:03d}-0", size=32, n_objects=2) for i in range(clips)]
+    infos = [shards.write_shard(f"{url}/shard-000000.tar", samples[:clips // 2]),
+             shards.write_shard(f"{url}/shard-000001.tar", samples[clips // 2:])]
+    shards.write_manifest(url, shards.Manifest(shards=infos, config={
+        "source": source, "max_skip": max_skip,
+        "online": {"hflip": {"p": 0.5, "per": "clip"}}}))
+    return [f"{name}{i:03d}-0" for i in range(clips)]
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    keys = {}
+    for source in ("davis", "youtube"):
+        for skip, clips in ((5, 6), (10, 4)):
+            keys[f"{source}/skip{skip}"] = _write_train_set(
+                str(root / source / f"skip{skip}"), f"{source}{skip}x", clips, source, skip)
+    return root, keys
+
+
+def _three_phases(iterations):
+    # skip 5, skip 10, skip 5 again: the two skip-5 phases share the skip5 sets
+    return load_stage(3, {"iterations": iterations, "batch_size": 1, "lr": 1e-4, "phases": [
+        {"start": 0.0, "max_skip": 5}, {"start": 0.5, "max_skip": 10},
+        {"start": 2 / 3, "max_skip": 5}]})
+
+
+def _record_keys(monkeypatch):
+    from stcn import trainer as trainer_module
+    seen = []
+    real = trainer_module.Trainer.batches
+
+    def recording(self, loader):
+        for batch in real(self, loader):
+            seen.append((self.iteration, list(batch["__key__"])))
+            yield batch
+    monkeypatch.setattr(trainer_module.Trainer, "batches", recording)
+    return seen
+
+
+def _options(run_dir, root, **changes):
+    from stcn.trainer import TrainOptions
+    base = dict(run_dir=str(run_dir), shards=str(root), device="cpu", workers=0, crop=32,
+                deterministic=True, checkpoint_every=100, log_every=1, image_every=0,
+                progress=False, seed=3, rank_logs=False)
+    base.update(changes)
+    return TrainOptions(**base)
+
+
+def test_trainer_phases_read_disjoint_ranges_and_resume_without_repeats(tmp_path, train_root,
+                                                                         monkeypatch):
+    from stcn.trainer import train
+    root, keys = train_root
+    stage = _three_phases(4)   # phases [0, 2), [2, 3), [3, 4)
+    seen = _record_keys(monkeypatch)
+    first = train(stage, _options(tmp_path / "split", root, stop_after=1))
+    second = train(stage, _options(tmp_path / "split", root))  # resumes inside phase 0
+    assert (first.status, second.status) == ("stopped", "completed")
+    consumed = {it: k[0] for it, k in seen}
+    assert sorted(consumed) == list(range(4))
+    assert len(set(consumed.values())) == 4, "a clip was streamed twice"
+    # the skip-5 sets (6 clips each) split 2:1 by the phases' iterations
+    first_part = {k for s in ("davis/skip5", "youtube/skip5") for k in keys[s][:4]}
+    last_part = {k for s in ("davis/skip5", "youtube/skip5") for k in keys[s][4:]}
+    assert {consumed[0], consumed[1]} <= first_part and consumed[3] in last_part
+    assert consumed[2] in set(keys["davis/skip10"]) | set(keys["youtube/skip10"])
+
+
+def test_trainer_refuses_a_phase_that_would_repeat_clips(tmp_path, train_root, monkeypatch):
+    """Checked at start for the phases to come (not hours in), exactly for the current one."""
+    from stcn import monitor
+    from stcn.clip_ranges import NotEnoughClipsError
+    from stcn.trainer import Trainer
+    root, _ = train_root
+
+    def two_phases(iterations):  # skip 5 (2 x 6 clips), then skip 10 (2 x 4 clips)
+        return load_stage(3, {"iterations": iterations, "batch_size": 1, "lr": 1e-4, "phases": [
+            {"start": 0.0, "max_skip": 5}, {"start": 0.5, "max_skip": 10}]})
+    # 20 iterations: phase 0 streams 10 of its 12 clips, but phase 1 would stream 10 of 8
+    with pytest.raises(NotEnoughClipsError, match=r"phase 1 would stream each clip ~1\.25 times"
+                       r".*--allow-repeats") as err:
+        Trainer(two_phases(20), _options(tmp_path / "no", root)).run()
+    assert "phase 0" not in str(err.value)
+    assert not list((tmp_path / "no").glob("checkpoint_*.pt"))
+
+    class Seen(Exception):
+        """Stops the run at the phase's log line (no step, no checkpoint needed)."""
+
+    def message(self, text):
+        if text.startswith("phase 0 ["):
+            raise Seen(text)
+    monkeypatch.setattr(monitor.TrainingMonitor, "message", message)
+    with pytest.raises(Seen, match=r"phase 0 \[0, 13\) streams 13 clips from 12 \(each clip "
+                                   r"~1\.08 times\)"):
+        Trainer(two_phases(26), _options(tmp_path / "yes", root, allow_repeats=True)).run()
