@@ -41,24 +41,14 @@ class SetRange:
         return self.stop - self.start
 
 
-def phase_lengths(stage) -> list[int]:
-    return [stage.phase_end_iteration(i) - stage.phase_start_iteration(i)
-            for i in range(len(stage.phases))]
-
-
 def set_range(stage, sets_by_phase: Sequence[Mapping[str, float]], phase: int, url: str,
               total: int) -> tuple[int, int]:
     """[start, stop) of set `url` (`total` clips) read by `phase`: the set split among the
     phases that use it in proportion to their iterations, in phase order."""
-    lengths = phase_lengths(stage)
     users = [p for p, sets in enumerate(sets_by_phase) if url in sets]
     if phase not in users:
         raise ValueError(f"phase {phase} does not read {url}")
-    whole = sum(lengths[p] for p in users)
-    if whole == 0:
-        return 0, total
-    before = sum(lengths[p] for p in users if p < phase)
-    return total * before // whole, total * (before + lengths[phase]) // whole
+    return stage.set_range(users, phase, total)
 
 
 def phase_ranges(stage, sets_by_phase: Sequence[Mapping[str, float]], phase: int,
@@ -173,5 +163,5 @@ def check_phase_clips(stage, sets_by_phase: Sequence[Mapping[str, float]],
     return out
 
 
-__all__ = ["NotEnoughClipsError", "SetRange", "PhaseClips", "phase_lengths", "set_range",
+__all__ = ["NotEnoughClipsError", "SetRange", "PhaseClips", "set_range",
            "phase_ranges", "phase_clips", "check_phase_clips"]

@@ -112,6 +112,17 @@ class StageConfig:
             return self.phase_start_iteration(index + 1)
         return self.iterations
 
+    def set_range(self, users: list[int], index: int, total: int) -> tuple[int, int]:
+        """[start, stop) of a set of `total` clips that phase `index` reads when the phases
+        `users` share it: split in proportion to their iterations, in phase order (disjoint,
+        and independent of the GPU count; stcn.clip_ranges, tools/make_shards plan)."""
+        lengths = {p: self.phase_end_iteration(p) - self.phase_start_iteration(p) for p in users}
+        whole = sum(lengths.values())
+        if whole == 0:
+            return 0, total
+        before = sum(n for p, n in lengths.items() if p < index)
+        return total * before // whole, total * (before + lengths[index]) // whole
+
     def shard_sets(self, index: int, root: str | None) -> dict[str, float]:
         """Shard set URL -> loader weight for phase `index`: explicit sets, else derived from
         `root` with weight 1: each clip is streamed once, and the mix of `sources` (DAVIS x5)
