@@ -2,21 +2,29 @@
 
 The stage schedule itself lives with the trainer (`stcn.stages`); `tools/make_shards plan`
 passes it in, so this module only needs its shape: iterations, batch size, per source
-weights and the max-skip phases (duck-typed, no import of stcn).
+weights, the max-skip phases and `set_range` (duck-typed, no import of stcn).
 
-Clips per phase = iterations in the phase x batch per GPU x GPUs. A phase mixing several
-sources streams each set `weight` times per epoch (shards.ShardSource), so the sets are
-sized in proportion to their number of videos: the mix then matches the published
-ConcatDataset (DAVIS x5 + YouTubeVOS). With --clips-fraction F < 1, F of those clips are
-made and the loader repeats them 1/F times.
+Every clip a stage consumes is distinct by default, as with the published loader (it draws
+a fresh clip each time it uses a sample):
+  - a phase streams iterations x batch per GPU x GPUs clips; each source gets its share of
+    the published mix, weight x videos (DAVIS x5 + YouTubeVOS x1: five DAVIS clips per
+    DAVIS video for each YouTubeVOS one), and each of those clips is streamed once;
+  - phases that share a max skip share its set and read disjoint ranges of it, split by
+    their iterations (`StageConfig.set_range`, the trainer's rule), so the set holds the sum;
+  - GPUs: the most the stage will run on. Fewer consume less; an elastic resume onto more
+    needs more clips, and the trainer refuses a phase whose range is short (unless told to
+    repeat clips with `tools/train --allow-repeats`).
+With --clips-fraction F < 1, only F of those clips are made and the trainer streams each
+~1/F times (plan prints how many; training then needs --allow-repeats).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-#: Training videos (images for static) per source in the official releases.
-SOURCE_ITEMS = {"static": 1, "bl30k": 29_989, "davis": 60, "youtube": 3_471}
+#: Training videos (images for static) per source: the published train lists (DAVIS 2017
+#: train, the 3464 of 3471 YouTubeVOS videos the authors kept) and the BL30K release.
+SOURCE_ITEMS = {"static": 1, "bl30k": 29_989, "davis": 60, "youtube": 3_464}
 
 #: Bytes per clip of 384x384 shards (3 JPEG frames q90 + masks + meta + tar headers),
 #: measured with make_shards on the synthetic sets at their real sizes (80 clips each,
@@ -33,8 +41,13 @@ class SetNeed:
     max_skip: int | None
     name: str        # shard set path under the root
     clips: int       # clips the phase streams from this set
-    make: int        # clips to generate (clips x fraction, at least one per video)
+    make: int        # clips of the set this phase reads (its range); < clips: repeats
     bytes: int
+
+    @property
+    def times_streamed(self) -> float:
+        """How many times each clip of the phase's range is streamed (1: never repeated)."""
+        return self.clips / self.make if self.make else math.inf
 
 
 def set_name(source: str, max_skip: int | None) -> str:
@@ -44,7 +57,7 @@ def set_name(source: str, max_skip: int | None) -> str:
 
 def plan_stage(stage, gpus: int, clips_fraction: float = 1.0,
                bytes_per_clip: dict[str, int] | None = None) -> list[SetNeed]:
-    """Per phase and source: the shard set, its clip count and estimated bytes."""
+    """Per phase and source: the shard set, the clips streamed and made, estimated bytes."""
     if gpus < 1 or not 0 < clips_fraction <= 1:
         raise ValueError("gpus must be >= 1 and clips_fraction in (0, 1]")
     sizes = {**BYTES_PER_CLIP, **(bytes_per_clip or {})}
@@ -54,38 +67,55 @@ def plan_stage(stage, gpus: int, clips_fraction: float = 1.0,
     for index, phase in enumerate(stage.phases):
         start, end = stage.phase_start_iteration(index), stage.phase_end_iteration(index)
         phase_clips = (end - start) * stage.batch_size * gpus
-        for source, weight in stage.sources.items():
-            # one epoch of the mix = sum over sets of weight x set size
-            clips = math.ceil(phase_clips * SOURCE_ITEMS[source] / total_weight)
+        for source in stage.sources:
+            clips = math.ceil(phase_clips * weighted[source] / total_weight)
             make = max(math.ceil(clips * clips_fraction), min(clips, SOURCE_ITEMS[source]))
             needs.append(SetNeed(index, (start, end), source, phase.max_skip,
-                                 set_name(source, phase.max_skip), clips * int(weight), make,
+                                 set_name(source, phase.max_skip), clips, make,
                                  make * sizes[source]))
     return needs
 
 
-def per_set(needs: list[SetNeed]) -> dict[str, int]:
-    """Clips to generate per shard set: a set used by several phases (skip 5 opens and
-    closes the curriculum) gets the sum, so no phase repeats another's clips."""
-    totals: dict[str, int] = {}
+def per_set(needs: list[SetNeed], stage=None) -> dict[str, int]:
+    """Clips to make per shard set: the phases sharing a set (skip 5 opens and closes the
+    curriculum) read disjoint ranges of it, so it holds their sum. With `stage`, rounded up
+    until the trainer's split (stage.set_range) gives every phase at least its clips."""
+    users: dict[str, list[SetNeed]] = {}
     for need in needs:
-        totals[need.name] = totals.get(need.name, 0) + need.make
+        users.setdefault(need.name, []).append(need)
+    totals = {}
+    for name, group in users.items():
+        total = sum(n.make for n in group)
+        if stage is not None:
+            phases = [n.phase for n in group]
+            while any(_width(stage.set_range(phases, n.phase, total)) < n.make for n in group):
+                total += 1
+        totals[name] = total
     return totals
+
+
+def _width(span: tuple[int, int]) -> int:
+    return span[1] - span[0]
 
 
 def format_plan(stage, gpus: int, needs: list[SetNeed], root: str, bytes_per_clip=None) -> str:
     sizes = {**BYTES_PER_CLIP, **(bytes_per_clip or {})}
     lines = [f"stage {stage.stage}: {stage.iterations} iterations x batch {stage.batch_size} "
-             f"x {gpus} GPU(s)"]
+             f"x {gpus} GPU(s) (at most; an elastic resume onto more GPUs needs more clips)"]
     for need in needs:
         lo, hi = need.iterations
         skip = "static" if need.max_skip is None else f"max skip {need.max_skip}"
+        times = (f", each clip streamed {need.times_streamed:.2f} times" if need.clips > need.make
+                 else "")
         lines.append(f"  phase {need.phase} [{lo}, {hi}) {skip:12s} {root}/{need.name}: "
-                     f"streams {need.clips:,} clips, make {need.make:,} "
+                     f"streams {need.clips:,} clips, make {need.make:,}{times} "
                      f"(~{need.bytes / 1e9:.1f} GB)")
-    lines.append("shard sets to make (phases sharing a set get the sum):")
+    if any(n.clips > n.make for n in needs):
+        lines.append("clips are streamed more than once (--clips-fraction): train with "
+                     "tools/train --allow-repeats")
+    lines.append("shard sets to make (phases sharing a set read disjoint parts of it: the sum):")
     total = 0
-    for name, clips in per_set(needs).items():
+    for name, clips in per_set(needs, stage).items():
         source = name.split("/")[0]
         size = clips * sizes[source]
         total += size

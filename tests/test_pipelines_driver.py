@@ -12,7 +12,6 @@ import pytest
 
 import shards
 from pipelines.driver import JobConfig, JobError, Task, merge, run_job
-from pipelines.plan import plan_stage
 from pipelines.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,28 +179,6 @@ def test_kill_and_resume_gives_the_uninterrupted_set(data, tmp_path, source):
     manifest = json.loads((out / "manifest.json").read_text())
     names = [s["name"] for s in manifest["shards"]]
     assert sorted(p.name for p in out.glob("*.tar")) == names  # no extra, none missing
-
-
-def test_plan_counts_follow_the_schedule():
-    from types import SimpleNamespace as NS
-
-    class Stage(NS):
-        def phase_start_iteration(self, i):
-            return round(self.phases[i].start * self.iterations)
-
-        def phase_end_iteration(self, i):
-            return (round(self.phases[i + 1].start * self.iterations)
-                    if i + 1 < len(self.phases) else self.iterations)
-    stage = Stage(stage=2, iterations=100_000, batch_size=4, sources={"davis": 5.0, "youtube": 1.0},
-                  phases=[NS(start=0.0, max_skip=5), NS(start=0.5, max_skip=10)])
-    needs = plan_stage(stage, gpus=2)
-    assert {n.name for n in needs} == {"davis/skip5", "youtube/skip5", "davis/skip10",
-                                       "youtube/skip10"}
-    for phase in (0, 1):
-        streamed = sum(n.clips for n in needs if n.phase == phase)
-        assert 50_000 * 4 * 2 <= streamed <= 50_000 * 4 * 2 + 10  # iterations x batch x GPUs
-    fewer = plan_stage(stage, gpus=2, clips_fraction=0.25)
-    assert sum(n.make for n in fewer) < sum(n.make for n in needs) / 3
 
 
 def test_pipelines_never_import_torch():
