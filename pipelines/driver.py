@@ -279,16 +279,13 @@ def _remove_stale_temps(out: str, mine) -> None:
     whether a target belongs to this task. Called under the set's lease (shards.lease), so
     their writer is dead: a live one would hold the lease, or be this very job's other
     task, whose units `mine` excludes."""
-    fs, path = storage.filesystem(out)
     removed = 0
-    for directory in (path, storage.join(path, PARTS)):
-        if not fs.isdir(directory):
-            continue
-        for entry in fs.ls(directory, detail=False):
+    for directory in (out, storage.join(out, PARTS)):
+        for entry in storage.listdir(directory):  # [] when there is no such directory
             target = storage.temp_target(entry.rsplit("/", 1)[-1])
             match = re.fullmatch(r"(.+)\.(tar|json)", target or "")
             if match and mine(match.group(1)):
-                fs.rm(entry)
+                storage.remove(entry)
                 removed += 1
     if removed:
         print(f"make_shards: removed {removed} temporary file(s) in {out} left by a killed run",

@@ -132,8 +132,7 @@ class Lease:
     def read(self) -> Holder | None:
         """The current holder, None when there is no lease object."""
         try:
-            with self.fs.open(self.path, "rb") as f:
-                data = f.read()
+            data = storage.read_bytes(self.url)  # retried on transient errors
         except FileNotFoundError:
             return None
         try:
@@ -157,15 +156,7 @@ class Lease:
                 f.flush()
                 os.fsync(f.fileno())
             return True
-        try:
-            self.fs.pipe_file(self.path, data, mode="create")
-        except FileExistsError:
-            return False
-        except Exception as err:  # stores report a failed precondition in their own words
-            if "PreconditionFailed" in repr(err) or "412" in repr(err):
-                return False
-            raise
-        return True
+        return storage.create_exclusive(self.url, data)
 
     def _write(self, holder: Holder) -> None:
         storage.write_bytes_atomic(self.url, json.dumps(asdict(holder), indent=1).encode())
@@ -180,7 +171,7 @@ class Lease:
             os.unlink(aside)
         else:
             try:
-                self.fs.rm(self.path)
+                storage.remove(self.url)
             except FileNotFoundError:
                 pass
 
@@ -267,7 +258,7 @@ class Lease:
         current = self.read()
         if current is not None and current.token == self.holder.token and (not self.shared or complete):
             try:
-                self.fs.rm(self.path)
+                storage.remove(self.url)
             except FileNotFoundError:
                 pass
         self.holder = None

@@ -188,6 +188,30 @@ def redact(text) -> str:
     return text
 
 
+def redact_argv(argv) -> list[str]:
+    """A command line fit for logs and run records: credentials masked, including the
+    secret keys of a --storage-options JSON that was never configured."""
+    out, previous = [], ""
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if previous == "--storage-options" or (eq and name == "--storage-options"):
+            text = value if eq else arg
+            try:
+                parsed = json.loads(text)
+                text = json.dumps(_mask(parsed)) if isinstance(parsed, dict) else "***"
+            except ValueError:
+                text = "***"
+            arg = f"{name}={text}" if eq else text
+        out.append(redact(arg))
+        previous = arg
+    return out
+
+
+def _mask(options: dict) -> dict:
+    return {k: (_mask(v) if isinstance(v, dict) else "***" if k.lower() in _SECRET_KEYS else v)
+            for k, v in options.items()}
+
+
 # ----------------------------------------------------------------------------- URLs
 
 def join(url_dir: str, name: str) -> str:
@@ -461,6 +485,26 @@ def remove(url: str) -> None:
 
 
 # ----------------------------------------------------------------------------- writing
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write `data` to a remote `url` only if no object is there (a conditional PUT,
+    If-None-Match: *); False when one is. Retried like any request: a retry may find the
+    object its own lost-response attempt made, so callers confirm by reading it back."""
+    fs, path = filesystem(url)
+
+    def put() -> bool:
+        try:
+            fs.pipe_file(path, bytes(data), mode="create")
+        except FileExistsError:
+            return False
+        except Exception as err:  # stores report a failed precondition in their own words
+            if "PreconditionFailed" in repr(err) or "412" in repr(err):
+                return False
+            raise
+        return True
+
+    return _retrying(url, "conditional PUT", put, _direct(fs))
+
 
 def _fsync_directory(path: str) -> None:
     """Make a rename in `path` durable (POSIX: the directory entry is data too)."""

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from shards.storage import write_bytes_atomic
+from shards.storage import redact_argv, write_bytes_atomic
 
 PACKAGE = "stcn-shards"
 
@@ -70,7 +70,7 @@ def resolved_config(stage: Any, options: Any, world_size: int, **extra: Any) -> 
         "torch_version": str(torch.__version__),
         "python_version": sys.version.split()[0],
         "world_size": world_size,
-        "command": list(sys.argv),
+        "command": redact_argv(sys.argv),  # credentials masked
         **_plain(extra),
         "options": _plain(dataclasses.asdict(options)),
         "stage": _plain(stage.to_dict()),
@@ -144,7 +144,7 @@ def rank_log(run_dir: str | Path, rank: int, enabled: bool = True) -> Iterator[P
     path = Path(run_dir) / f"rank{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8", buffering=1) as log:
-        log.write(f"--- {_now()} rank {rank}: {' '.join(sys.argv)}\n")
+        log.write(f"--- {_now()} rank {rank}: {' '.join(redact_argv(sys.argv))}\n")
         out, err = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
         previous = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err

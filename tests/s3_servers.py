@@ -3,7 +3,8 @@
 - `moto_server()`: moto's ThreadedMotoServer (a real S3 API over HTTP; s3fs talks to it).
 - `FaultProxy`: an HTTP proxy in front of it that counts requests and, when told, fails
   every Nth matching one: 503 SlowDown, 500 InternalError, a reset connection, a
-  response body cut short mid-stream, or (permanent) 403 AccessDenied. Also can hang an upload (to kill its writer).
+  response body cut short mid-stream, or (permanent) 403 AccessDenied. It can also hold
+  matching requests until released (to kill a writer mid-upload, or keep one running).
 - `range_http_server(dir)`: a plain read-only HTTP server with Range support (what a
   public bucket's web endpoint looks like).
 """
@@ -86,7 +87,7 @@ class FaultProxy:
         self.upstream = upstream.split("://", 1)[1]
         self.log: list[tuple[str, str, str]] = []
         self.every, self.kinds, self.match = 0, self.KINDS, None
-        self.hang_upload = None  # threading.Event: UploadPart requests wait on it
+        self.hang = None  # (match(method, path), threading.Event): those requests wait on it
         self._lock = threading.Lock()
         self._count = 0
         self._kind = itertools.cycle(self.KINDS)
@@ -113,9 +114,10 @@ class FaultProxy:
             def _handle(self):
                 body = self._body()
                 fault = proxy._fault(self.command, self.path)
-                if proxy.hang_upload is not None and "partNumber=" in self.path:
+                hang = proxy.hang
+                if hang is not None and hang[0](self.command, self.path):
                     proxy._record(self.command, self.path, "hang")
-                    proxy.hang_upload.wait(60)
+                    hang[1].wait(120)
                 if fault in ("503", "500", "403"):
                     code = {"503": "SlowDown", "500": "InternalError",
                             "403": "AccessDenied"}[fault]
