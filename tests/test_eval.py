@@ -347,3 +347,16 @@ def test_eval_prints_per_video_table_and_writes_it_as_csv(eval_cli, data, tmp_pa
         assert int(row["frames"]) == summary["per_video"][row["video"]]["frames"]
         assert any(line.startswith(row["video"]) for line in result.output.splitlines())
     assert "J&F*" in result.output and "results.csv" in result.output
+
+
+def test_unscored_sets_get_a_timing_table_and_csv(eval_cli, data, tmp_path):
+    import csv
+
+    result = run(eval_cli, "davis", "--root", data / "davis", "--split", "test-dev", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "results.json").read_text())
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["video"] for r in rows] == list(summary["per_video"]) and rows[0]["J&F"] == ""
+    for name, record in summary["per_video"].items():
+        assert any(line.split()[:2] == [name, str(record["frames"])] for line in result.output.splitlines())

@@ -86,6 +86,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"peak GPU memory: {summary['peak_gpu_memory_mib']:.0f} MiB")
     if summary["scores"] is not None:
         lines.append(format_scores(summary["scores"]))
+    else:  # no ground truth: the per-video table has the timing only
+        lines.append(f"{'video':<24} {'frames':>6} {'objects':>7} {'FPS':>8}")
+        lines += [f"{name:<24} {r['frames']:6d} {r['objects']:7d} {r['fps']:8.2f}"
+                  for name, r in summary["per_video"].items()]
     return "\n".join(lines)
 
 
