@@ -108,9 +108,9 @@ class PhaseClips:
                          f"({shares[s.url]:.0%})" for s in self.sets)
         times = self.times_streamed()
         repeat = ("each clip once" if self.fits else f"each clip ~{times:.2f} times")
-        return (f"phase {self.phase} [{self.start}, {self.end}) streams "
-                f"{self.delivered + self.streamed:,} clips from {self.distinct:,} "
-                f"({repeat}): {sets}")
+        before = f" (+{self.delivered:,} streamed before)" if self.delivered else ""
+        return (f"phase {self.phase} [{self.start}, {self.end}) streams {self.streamed:,} clips"
+                f"{before} from {self.distinct:,} ({repeat}): {sets}")
 
     def problem(self) -> str | None:
         """Why the phase would repeat clips, with the fixes; None when it fits."""

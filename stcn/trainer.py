@@ -497,6 +497,9 @@ class Trainer:
         --allow-repeats; exact: the loader knows how many batches its epoch has left (after
         a resume, an elastic one included). Returns the phase's log line."""
         left = clips.end - clips.start
+        if loader.epoch == 0:  # what the loader delivered, whatever world sizes it ran at
+            clips = dataclasses.replace(clips, delivered=sum(
+                leg.batches * leg.world * leg.batch for leg in loader.legs))
         fits = loader.epoch == 0 and len(loader) >= left and all(s.weight <= 1 for s in clips.sets)
         if not fits and not self.options.allow_repeats:
             raise clip_ranges.NotEnoughClipsError(

@@ -210,10 +210,12 @@ def test_cli_help_explains_every_option():
 
 def test_two_process_gloo_run_and_elastic_resume_in_one_process(tmp_path, shard_root):
     run_dir = tmp_path / "ddp"
-    sets = ["--shards", f"{shard_root}/davis/skip5=5", "--shards", f"{shard_root}/youtube/skip5"]
+    # explicit sets, read by every phase: each phase reads its own range of them, and no
+    # clip may be streamed twice, also after the elastic resume (no --allow-repeats)
+    sets = ["--shards", f"{shard_root}/davis/skip5=1", "--shards", f"{shard_root}/youtube/skip5"]
     common = ["--stage", "3", *sets, "--run-dir", str(run_dir), "--iterations", "3",
               "--batch-size", "1", "--crop", str(SIZE), "--workers", "0", "--device", "cpu",
-              "--no-progress", "--log-every", "1", "--allow-repeats"]  # weight 5 repeats clips
+              "--no-progress", "--log-every", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(REPO / "tools" / "train"), *common, "--stop-after", "2"],
@@ -229,6 +231,9 @@ def test_two_process_gloo_run_and_elastic_resume_in_one_process(tmp_path, shard_
     assert one.returncode == 0, one.stdout + one.stderr
     assert "resuming a 2-process checkpoint with 1 processes" in one.stderr
     assert "completed at iteration 3" in one.stderr
+    # phase 4, iterations [1, 3), reads clips [3, 10) of both sets: 2 streamed on 2 GPUs
+    assert "phase 4 [2, 3) streams 1 clips (+2 streamed before) from 14 (each clip once)" \
+        in one.stdout + one.stderr
     load_stcn_weights(STCN(single_object=False), run_dir / "stcn_stage3.pth")
 
 
