@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make one shard set on this machine with every core, then make sure manifest.json exists.
 #
-#   jobs/local/make_shards.sh davis data/DAVIS --out shards/davis/skip5 --max-skip 5 --clips 7638
+#   jobs/local/make_shards.sh davis data/DAVIS --out shards/davis/skip5 --max-skip 5 --clips 38258
 #   TASKS=3 TASK=1 jobs/local/make_shards.sh ...   # share the work with other machines
 #
 # The arguments go to tools/make_shards (`tools/make_shards SOURCE --help`). Rerunning the
