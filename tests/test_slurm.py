@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slurm_cluster import SlurmCluster, SlurmError, missing_programs
+from slurm_cluster import FINAL_STATES, SlurmCluster, missing_programs
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_SHARDS = REPO / "jobs" / "slurm" / "make_shards.sbatch"
@@ -121,11 +121,13 @@ def test_slurm_array_shards_cancel_one_task_resubmit_it_identical_to_one_process
     assert 0 < len(done_by_task1) < 20, f"task 1 was not cancelled mid-run: {len(done_by_task1)} of 20 units"
     assert not (out / "manifest.json").exists()  # the set is incomplete, nobody may claim it done
 
-    # Resubmit only task 1 (same share of the units: index 1 of 3).
-    again = slurm.sbatch(*CPU_JOB, f"--output={logs}/again-%j.out", str(MAKE_SHARDS), "davis", source,
-                         "--out", str(out), *SHARD_ARGS, "--task-index", "1", "--num-tasks", "3", cwd=REPO, env=ENV)
-    record = slurm.wait_done(again, timeout=120, log=logs / f"again-{again}.out")[0]
-    assert record["JobState"] == "COMPLETED", log_text(logs / f"again-{again}.out")
+    # Resubmit only task 1: requeued, it runs again as task 1 of 3 of the same array job
+    # (so it also shares the job's lease on the set, which a new job would find held).
+    slurm.run("scontrol", "requeue", f"{job}_1")
+    record = slurm.wait_state(f"{job}_1", lambda r: r["JobState"] in FINAL_STATES and r["Restarts"] != "0",
+                              timeout=120, log=logs / f"{job}_1.out")
+    assert record["JobState"] == "COMPLETED", log_text(logs / f"{job}_1.out")
+    assert "(restart 1)" in log_text(logs / f"{job}_1.out")
 
     local, array = tree(data / "local"), tree(out)
     assert sorted(array) == sorted(local)  # no stray (temporary, partial) files
