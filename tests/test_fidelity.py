@@ -106,6 +106,21 @@ def test_report_flags_a_difference():
     assert row.endswith("**NO** |")
 
 
+def test_tool_prints_the_table_and_writes_the_records(tmp_path):
+    import json
+    main = runpy.run_path(str(TOOLS / "bench_fidelity"), run_name="tool")["main"]
+    result = CliRunner().invoke(main, ["--scenario", "youtube:5", "--clips", "3", "-q",
+                                       "--workdir", str(tmp_path / "data"),
+                                       "--json", str(tmp_path / "out.json")])
+    assert result.exit_code == 0, result.output
+    assert "### youtube max skip 5 (0 published clips, 3 ours)" in result.output
+    records = json.loads((tmp_path / "out.json").read_text())["youtube max skip 5"]
+    assert records["published"] is None and len(records["ours"]) == 3
+    # 40 raw frames every 5th: 8 listed, J = 1: every gap is 0, 1 or 2
+    assert all(abs(r["indices"][k + 1] - r["indices"][k]) <= 2
+               for r in records["ours"] for k in (0, 1))
+
+
 def test_tool_rejects_a_bad_scenario():
     main = runpy.run_path(str(TOOLS / "bench_fidelity"), run_name="tool")["main"]
     result = CliRunner().invoke(main, ["--scenario", "davis"])
