@@ -34,7 +34,9 @@ pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[1]
 OLD_CHECKPOINT = REPO / "tests" / "data" / "checkpoint_v0_000000002.pt"
 SIZE = 32
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+# Subprocesses compute with this process's thread count: runs compared bit for bit across
+# processes must reduce in the same order.
+ENV = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -506,3 +508,215 @@ def test_bad_sample_count_accumulates_over_phases_and_resumes(train_set, tmp_pat
     metrics(root / "split", "--stop-after", 4)  # stops inside phase 1
     split = metrics(root / "split")
     assert split["bad_samples"] == whole["bad_samples"]
+
+
+# ============================================================== 6. one job per shard set
+@pytest.fixture(scope="module")
+def davis(tmp_path_factory):
+    from pipelines.synthetic import make_synthetic
+
+    return make_synthetic("davis", tmp_path_factory.mktemp("raw") / "davis", videos=3, objects=2,
+                          seed=2, size=(72, 96), frames=12)
+
+
+def make_shards_args(source: Path, out: Path, clips: int = 12, workers: int = 1) -> list[str]:
+    return ["davis", str(source), "--out", str(out), "--max-skip", "5", "--clips", str(clips),
+            "--clips-per-shard", "2", "--subset", "all", "--workers", str(workers), "--quiet"]
+
+
+def set_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))} | \
+        {"manifest.json": (out / "manifest.json").read_bytes()}
+
+
+def test_second_job_on_a_set_refuses_and_a_killed_holder_is_taken_over(davis, tmp_path):
+    out = tmp_path / "set"
+    first = subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards"),
+                              *make_shards_args(davis, out, clips=400)], env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("_parts/*.json")) and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert (out / "_lease.json").exists() and first.poll() is None
+        second = tool("make_shards", *make_shards_args(davis, out, clips=400))
+        assert second.returncode == 1
+        lines = error_lines(second.stderr)
+        assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "being written by" in lines[0], second.stderr
+        os.killpg(first.pid, signal.SIGKILL)  # kill -9, pool workers included
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert not (out / "manifest.json").exists()
+    # a dead holder's lease is taken over with a warning; the result equals a clean run
+    rerun = tool("make_shards", *make_shards_args(davis, out, clips=400))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "taking over the stale lease" in rerun.stderr and f"pid {first.pid}" in rerun.stderr
+    clean = tool("make_shards", *make_shards_args(davis, tmp_path / "clean", clips=400))
+    assert clean.returncode == 0, clean.stderr
+    assert set_bytes(out) == set_bytes(tmp_path / "clean")
+    assert not (out / "_lease.json").exists() and not list(out.rglob(".*"))
+
+
+def test_array_tasks_share_the_lease_and_clean_only_dead_owners_temps(davis, tmp_path, monkeypatch):
+    from pipelines.driver import JobConfig, Task, run_job
+
+    out = tmp_path / "set"
+    out.mkdir()
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
+    task0 = Lease(str(out)).acquire()  # task 0 of the array, still writing shard 0
+    live = out / f".shard-000000.tar.tmp-{'0' * 32}"
+    dead = out / f".shard-000001.tar.tmp-{'1' * 32}"  # an earlier, killed attempt of task 1
+    live.write_bytes(b"in flight")
+    dead.write_bytes(b"left behind")
+    job = JobConfig("davis", str(davis), str(out), clips=4, clips_per_shard=2, max_skip=5, subset="all")
+    try:
+        run_job(job, task=Task(1, 2), progress=False)  # task 1 joins its job's lease
+        assert live.exists(), "a live task's temporary file was deleted"
+        assert not dead.exists()
+        assert (out / "shard-000001.tar").exists()
+        monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+        with pytest.raises(LeaseHeld, match="job slurm-4242"):
+            run_job(job, task=Task(0, 2), progress=False)  # another job: refused
+    finally:
+        task0.release()
+    assert (out / "_lease.json").exists(), "the array's lease stays until the set is complete"
+
+
+def test_stale_lease_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "set"
+    out.mkdir()
+    holder = {"job": f"host:{dead.pid}", "shared": False, "host": __import__("socket").gethostname(),
+              "pid": dead.pid, "pid_start": None, "started": time.time(), "heartbeat": time.time(),
+              "token": "x"}
+    (out / "_lease.json").write_text(json.dumps(holder))
+    with pytest.warns(UserWarning, match=f"taking over the stale lease .*pid {dead.pid}"):
+        lease = Lease(str(out), env={}).acquire()
+    assert lease.read().pid == os.getpid()
+    lease.release()
+    assert not (out / "_lease.json").exists()
+    # a live holder elsewhere with a fresh heartbeat is not stale; an old heartbeat is
+    holder.update(host="elsewhere", pid=1, heartbeat=time.time())
+    (out / "_lease.json").write_text(json.dumps(holder))
+    with pytest.raises(LeaseHeld, match="host elsewhere, pid 1"):
+        Lease(str(out), env={}).acquire()
+    holder.update(heartbeat=time.time() - 3600)
+    (out / "_lease.json").write_text(json.dumps(holder))
+    with pytest.warns(UserWarning, match="stale lease"):
+        Lease(str(out), env={}).acquire().release()
+
+
+def test_lease_on_s3_refuses_shares_and_takes_over(tmp_path):
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    from s3_servers import make_bucket, moto_server, storage_configured
+
+    with moto_server() as endpoint, storage_configured(endpoint):
+        out = make_bucket("leases") + "/davis/skip5"
+        first = Lease(out, env={}, heartbeat_s=0.2).acquire()
+        with pytest.raises(LeaseHeld, match=f"pid {os.getpid()}"):
+            Lease(out, env={"SLURM_JOB_ID": "7"}).acquire()
+        beat = first.read().heartbeat
+        time.sleep(0.6)
+        assert first.read().heartbeat > beat  # the heartbeat thread renews it
+        first.release()
+        assert first.read() is None
+        tasks = [Lease(out, env={"SLURM_ARRAY_JOB_ID": "9"}).acquire() for _ in range(2)]
+        assert tasks[1].read().job == "slurm-9"
+        for task in tasks:
+            task.release()
+        assert tasks[0].read() is not None  # set not complete: other tasks may still run
+        with pytest.warns(UserWarning, match="taking over the stale lease .*slurm-9"):
+            Lease(out, env={}, stale_after_s=0.0).acquire().release()
+
+
+# ============================================================== 7. disk full, bad inputs
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not permitted'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_names_the_path_and_a_rerun_after_freeing_space_completes(davis, tmp_path, tiny_tmpfs):
+    out = tiny_tmpfs / "set"
+    full = tool("make_shards", *make_shards_args(davis, out, clips=40))
+    assert full.returncode == 1
+    lines = error_lines(full.stderr)
+    assert len(lines) == 1 and str(out) in lines[0] and "No space left on device; free space" in lines[0], full.stderr
+    assert "Traceback" not in full.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(tiny_tmpfs)], check=True)
+    rerun = tool("make_shards", *make_shards_args(davis, out, clips=40))
+    assert rerun.returncode == 0, rerun.stderr
+    clean = tool("make_shards", *make_shards_args(davis, tmp_path / "clean", clips=40))
+    assert clean.returncode == 0
+    assert set_bytes(out) == set_bytes(tmp_path / "clean")
+
+
+def test_checkpoint_on_a_full_disk_names_the_file(tiny_tmpfs):
+    manager = CheckpointManager(tiny_tmpfs)
+    with pytest.raises(OSError) as error:
+        manager.save({"iteration": 1, "model": {"w": torch.zeros(1 << 20)}}, 1)  # 4 MB
+    assert error.value.errno == errno.ENOSPC and error.value.filename.endswith("checkpoint_000000001.pt")
+    assert "checkpoint_000000001.pt: No space left on device" in errors.describe(error.value)
+    assert os.listdir(tiny_tmpfs) == []
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_mask_size_mismatch_names_the_video_and_both_files(davis, tmp_path):
+    from PIL import Image
+
+    source = copy_tree(davis, tmp_path / "davis")
+    mask = sorted(source.rglob("trainval/Annotations/480p/*/00000.png"))[0]
+    Image.open(mask).resize((50, 40), Image.NEAREST).save(mask)  # keeps the palette
+    # clip 0 of every video reads frame 00000 at some point: make every video's first mask bad
+    for other in sorted(source.rglob("trainval/Annotations/480p/*/00000.png"))[1:]:
+        other.write_bytes(mask.read_bytes())
+    result = tool("make_shards", *make_shards_args(source, tmp_path / "set", clips=6))
+    assert result.returncode == 1
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "00000.png is 50x40" in lines[0] and ".jpg is 96x72" in lines[0] and "davis video" in lines[0]
+
+
+def test_too_short_listed_videos_are_warned_about_and_counted(davis, tmp_path):
+    source = copy_tree(davis, tmp_path / "davis")
+    listed = next(source.rglob("ImageSets/2017/train.txt")).read_text().split()
+    video = next(source.rglob(f"trainval/JPEGImages/480p/{listed[0]}"))
+    for path in sorted(video.glob("*.jpg"))[2:]:
+        path.unlink()
+        Path(str(path).replace("/JPEGImages/", "/Annotations/")).with_suffix(".png").unlink()
+    result = tool("make_shards", *make_shards_args(source, tmp_path / "set", clips=6))
+    assert result.returncode == 0, result.stderr
+    assert "1 listed video(s)" in result.stderr and video.name in result.stderr
+    config = shards.read_manifest(str(tmp_path / "set")).config
+    assert config["too_short_videos"] == [video.name] and config["videos"] == 2
+
+
+# ============================================================== holds today
+def test_corrupt_and_truncated_shards_are_named_by_verify_shards(tmp_path):
+    url = write_set(str(tmp_path / "set"), clips=9, per_shard=3)
+    truncate(tmp_path / "set" / "shard-000001.tar", 0.5)
+    data = bytearray((tmp_path / "set" / "shard-000002.tar").read_bytes())
+    data[700] ^= 0xFF
+    (tmp_path / "set" / "shard-000002.tar").write_bytes(bytes(data))
+    result = tool("verify_shards", url)
+    assert result.returncode != 0
+    assert "shard-000001.tar" in result.stdout + result.stderr
+    assert "shard-000002.tar" in result.stdout + result.stderr
