@@ -225,6 +225,9 @@ def test_two_process_gloo_run_and_elastic_resume_in_one_process(tmp_path, shard_
     assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 2
     # Both ranks read the same epoch plan and delivered the same number of batches.
     assert checkpoint["ranks"][0]["loader"] == checkpoint["ranks"][1]["loader"]
+    # Each process keeps its console output in the run directory (batch jobs have no terminal).
+    assert "phase plan (2 process(es) x batch 1)" in (run_dir / "rank0.log").read_text()
+    assert " rank 1: " in (run_dir / "rank1.log").read_text().splitlines()[0]
 
     one = subprocess.run([sys.executable, str(REPO / "tools" / "train"), *common], env=env,
                          capture_output=True, text=True, timeout=400)
