@@ -310,7 +310,7 @@ def agrees(a: Estimate, b: Estimate, z: float = DEFAULT_Z) -> bool | None:
     tol = tolerance(a, b, z)
     if math.isnan(tol) or math.isnan(a.value) or math.isnan(b.value):
         return None
-    return abs(a.value - b.value) <= tol + 1e-12
+    return bool(abs(a.value - b.value) <= tol + 1e-12)  # a Python bool: callers test `is False`
 
 
 def gap_histogram(records: list[dict]) -> np.ndarray:
@@ -396,6 +396,43 @@ def report(scenario: Scenario, pub: list[dict] | None, ours: list[dict],
     return lines + [""]
 
 
+#: short column names of the summary table, per statistic of `summarize`
+SUMMARY_COLUMNS = {"repeat rate (a frame twice)": "repeats", "mean span (listed frames)": "span",
+                   "fill fraction": "fill", "target area fraction": "target area",
+                   "target IoU frame 0-1": "IoU 0-1", "target IoU frame 0-2": "IoU 0-2",
+                   "no-target rate": "no target", "second object rate": "second object"}
+
+
+def summary_lines(results: dict, scenarios, z: float = DEFAULT_Z) -> list[str]:
+    """One markdown row per scenario: every statistic as `published / ours`, marked with
+    `(!)` when outside the tolerance, and the gap-histogram bins that differ."""
+    lines = ["| scenario (clips per side) | " + " | ".join(SUMMARY_COLUMNS.values())
+             + " | gap histogram |", "|---" * (len(SUMMARY_COLUMNS) + 2) + "|"]
+    for scenario in scenarios:
+        pub, ours = (results[scenario.label][k] for k in ("published", "ours"))
+        video = scenario.kind != "static"
+        s_pub, s_ours = (summarize(pub, video) if pub else {}), summarize(ours, video)
+        cells = []
+        for name in SUMMARY_COLUMNS:
+            if name not in s_ours:
+                cells.append("-")
+                continue
+            b, a = s_ours[name], s_pub.get(name)
+            percent = b.proportion or "fraction" in name
+            mark = " (!)" if a is not None and agrees(a, b, z) is False else ""
+            cells.append(f"{_fmt(a, percent).rstrip('%')} / {_fmt(b, percent)}{mark}")
+        if not video:
+            gaps = "-"
+        elif not pub:
+            gaps = "(no published side)"
+        else:
+            off = [str(g) for g, _, _, ok in histogram_rows(pub, ours, z) if ok is False]
+            gaps = "equal" if not off else "differs at gap " + ", ".join(off)
+        lines.append(f"| {scenario.label} ({len(ours)}) | " + " | ".join(cells)
+                     + f" | {gaps} |")
+    return lines
+
+
 def run_fidelity(workdir, clips: int, published: str | None = None,
                  scenarios=SCENARIOS, torchvision_dir: str | None = None,
                  thinplate_dir: str | None = None, seed: int = 0, z: float = DEFAULT_Z,
@@ -425,6 +462,9 @@ def run_fidelity(workdir, clips: int, published: str | None = None,
         for line in report(scenario, pub, ours, z):
             echo(line)
         results[scenario.label] = {"published": pub, "ours": ours}
+    echo("### Summary: published / ours, (!) = outside the tolerance\n")
+    for line in summary_lines(results, scenarios, z):
+        echo(line)
     return results
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from pipelines.fidelity import (Estimate, Scenario, agrees, clip_record, fill_share,
                                 gap_histogram, prepare_data, report, run_fidelity, summarize,
-                                tolerance)
+                                summary_lines, tolerance)
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 TINY = (72, 128)  # (H, W) of the tiny synthetic sets
@@ -94,6 +94,8 @@ def test_ours_side_end_to_end(tiny_roots):
     text = "\n".join(lines)
     assert "### davis max skip 5 (0 published clips, 8 ours)" in text and "### static" in text
     assert "| repeat rate (a frame twice) | - |" in text and "gap histogram" in text
+    row = next(l for l in lines if l.startswith("| davis max skip 5 (8) |"))
+    assert row.count(" / ") == 8 and row.endswith("| (no published side) |")
 
 
 def test_report_flags_a_difference():
@@ -104,6 +106,11 @@ def test_report_flags_a_difference():
     row = next(l for l in report(Scenario("youtube", 5), pub, ours) if l.startswith("| repeat"))
     assert row.split("|")[2:6] == [" 33.33% ", " 0.00% ", " -33.33 pt ", " 9.13 pt "]  # 3 x sqrt(1/6 * 5/6 * 2/300)
     assert row.endswith("**NO** |")
+    hist = next(l for l in report(Scenario("youtube", 5), pub, ours) if "0: " in l)
+    assert "0: 16.67% / 0.00% NO" in hist and "1: 83.33% / 100.00% NO" in hist
+    (summary,) = [l for l in summary_lines({"youtube max skip 5": {"published": pub, "ours": ours}},
+                                           [Scenario("youtube", 5)]) if l.startswith("| youtube")]
+    assert "33.33 / 0.00% (!)" in summary and summary.endswith("| differs at gap 0, 1 |")
 
 
 def test_tool_prints_the_table_and_writes_the_records(tmp_path):
