@@ -145,10 +145,12 @@ def phase_clips(stage, sets_by_phase: Sequence[Mapping[str, float]], phase: int,
 def check_phase_clips(stage, sets_by_phase: Sequence[Mapping[str, float]],
                       totals: Mapping[str, int], world_size: int, from_iteration: int = 0,
                       allow_repeats: bool = False) -> list[PhaseClips]:
-    """"The sets have enough clips for their phases": PhaseClips of every phase not finished
-    at `from_iteration` (from there on); NotEnoughClipsError naming every phase that would
-    repeat clips unless `allow_repeats`. For a pre-flight: no loader position is known, so a
-    phase in progress is counted as if its range were untouched up to `from_iteration`."""
+    """The check "the sets have enough clips for their phases", for a pre-flight: the
+    PhaseClips of every phase not finished at `from_iteration` (from there on), and
+    NotEnoughClipsError naming every phase that would repeat clips unless `allow_repeats`.
+    No loader position is known here: the iterations of a phase in progress before
+    `from_iteration` count as streamed at this world size (the trainer counts them exactly
+    from the loader's position when it opens the phase)."""
     out = []
     for phase in range(len(stage.phases)):
         if stage.phase_end_iteration(phase) <= from_iteration or \
