@@ -177,7 +177,7 @@ def test_slurm_train_requeues_on_warning_signal_and_resumes_bitwise(slurm, data,
                              cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: training_started(run_dir), 180, "training did not start", log)
-        time.sleep(1.0)  # mid-run
+        time.sleep(0.5)  # mid-run
         # What SLURM does at --signal=B:USR1@N: SIGUSR1 to the batch script only.
         slurm.run("scancel", "--signal=USR1", "--batch", job)
         record = slurm.wait_done(job, timeout=300, log=log)[0]
