@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "scontrol", "scancel", "srun")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "scontrol", "scancel", "srun")
 
 #: Job states after which a job does nothing more (see `man squeue`, JOB STATE CODES).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -35,7 +35,7 @@ class SlurmError(RuntimeError):
 
 
 def missing_programs() -> list[str]:
-    return [name for name in DAEMONS if shutil.which(name) is None]
+    return [name for name in PROGRAMS if shutil.which(name) is None]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -162,6 +162,12 @@ class SlurmCluster:
 
     def stop(self) -> None:
         if "slurmctld" in self.processes and self.processes["slurmctld"].poll() is None:
+            # Job steps outlive `scontrol shutdown`: end the jobs first (SIGTERM, then SIGKILL
+            # after KillWait), so no training process is left running.
+            self.run("scancel", "--partition=debug", check=False)
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+                time.sleep(0.3)
             self.run("scontrol", "shutdown", check=False, timeout=30)
         # Stop in reverse start order; scontrol shutdown ends the slurm daemons, munged
         # needs its SIGTERM.
