@@ -26,7 +26,7 @@
 # RUNS_DIR/jobs.tsv records every job submitted (name, job id, log). If a job fails, the
 # jobs that wait on it are cancelled (or stay pending with Reason=DependencyNeverSatisfied,
 # depending on the cluster's DependencyParameters); `chain.sh status RUNS_DIR` shows which
-# job failed, how, and where its log is. Prints the job ids.
+# job failed, how, and where its log is. Each job id and log is also printed (stderr).
 set -euo pipefail
 
 usage() {
