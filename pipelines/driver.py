@@ -205,6 +205,14 @@ def listed_clips(plan: Plan, unit: int) -> list[tuple[int, int]]:
     return clip_order(job.seed, job.kind, count, start, min(job.clips, start + job.clips_per_shard))
 
 
+def listed_samples(plan: Plan, start: int, stop: int):
+    """Clips start..stop-1 of a listed source's set, in set order, as a worker makes them
+    (the benchmark times this too)."""
+    count = len(plan.source.items if plan.job.kind == "static" else plan.source.videos)
+    for item, round_ in clip_order(plan.job.seed, plan.job.kind, count, start, stop):
+        yield make_clip(plan, item, round_)
+
+
 def part_url(out: str, shard_name: str) -> str:
     return storage.join(storage.join(out, PARTS), shard_name.removesuffix(".tar") + ".json")
 
@@ -256,7 +264,8 @@ def _count(n: int) -> None:
 
 def _listed_unit(unit: int) -> shards.ShardInfo:
     plan = _PLAN
-    clips = (make_clip(plan, item, round_) for item, round_ in listed_clips(plan, unit))
+    start = unit * plan.job.clips_per_shard
+    clips = listed_samples(plan, start, min(plan.job.clips, start + plan.job.clips_per_shard))
     return write_unit(plan, f"shard-{unit:06d}.tar", clips, _count)
 
 

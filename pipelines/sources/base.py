@@ -15,6 +15,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+try:
+    import simplejpeg
+except ImportError:  # a dependency; OpenCV decodes the same pixels without it, slower
+    simplejpeg = None
+
 
 class LayoutError(ValueError):
     """A source directory does not have the layout its reader expects."""
@@ -37,7 +42,17 @@ class FrameStore(Protocol):
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from encoded image bytes."""
+    """RGB uint8 (H, W, 3) from encoded image bytes.
+
+    JPEGs go through simplejpeg: the same libjpeg-turbo and the same pixels as OpenCV
+    (tested), in half the time (OpenCV 5's IMREAD_COLOR_RGB path measured 1.7 ms against
+    0.9 ms per 480p frame). OpenCV takes the rest: other formats, and JPEGs with an Exif
+    block, whose orientation OpenCV applies (kept, so clips stay the same)."""
+    if simplejpeg is not None and data[:2] == b"\xff\xd8" and b"Exif" not in data[:256]:
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ValueError:
+            pass  # OpenCV decides (it reads some files libjpeg's strict mode refuses)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
     if image is None:
         raise ValueError(f"{where}: not a readable image")

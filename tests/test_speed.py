@@ -1,0 +1,71 @@
+"""Speed work keeps results: source JPEGs decode to the same pixels by the fast path, and
+the benchmarks run (ours, and the published code when STCN_PUBLISHED names a checkout, with
+STCN_TORCHVISION / STCN_THINPLATE when those packages are not installed)."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from pipelines.sources import decode_image
+
+PUBLISHED = os.environ.get("STCN_PUBLISHED")
+needs_published = pytest.mark.skipif(
+    not PUBLISHED, reason="STCN_PUBLISHED (a checkout of the published STCN code) is not set")
+
+
+def _jpeg(image, *params):
+    ok, data = cv2.imencode(".jpg", image, list(params))
+    assert ok
+    return data.tobytes()
+
+
+def test_source_jpegs_decode_as_opencv_does():
+    rng = np.random.default_rng(0)
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (61, 93, 3), np.uint8), (7, 7), 0)
+    cases = {"4:2:0": _jpeg(smooth, cv2.IMWRITE_JPEG_QUALITY, 90),
+             "4:4:4": _jpeg(smooth, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                            cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444),
+             "progressive": _jpeg(smooth, cv2.IMWRITE_JPEG_PROGRESSIVE, 1),
+             "gray": _jpeg(smooth[..., 0])}
+    for name, data in cases.items():
+        expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+        got = decode_image(data, name)
+        assert got.shape == expected.shape and np.array_equal(got, expected), name
+    # a JPEG with an Exif orientation: OpenCV's reading (rotated) is kept
+    exif = (b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00"
+            b"\x06\x00\x00\x00\x00\x00\x00\x00")
+    plain = cases["4:4:4"]
+    rotated = plain[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + plain[2:]
+    expected = cv2.imdecode(np.frombuffer(rotated, np.uint8), cv2.IMREAD_COLOR_RGB)
+    assert expected.shape[:2] == (93, 61)  # OpenCV applied the orientation
+    assert np.array_equal(decode_image(rotated, "exif"), expected)
+    # a truncated JPEG: refused as OpenCV refuses it, naming the file
+    truncated = plain[: len(plain) * 2 // 3]
+    assert cv2.imdecode(np.frombuffer(truncated, np.uint8), cv2.IMREAD_COLOR_RGB) is None
+    with pytest.raises(ValueError, match="clip.jpg: not a readable image"):
+        decode_image(truncated, "clip.jpg")
+
+
+def test_bench_pipeline_ours(tmp_path):
+    from pipelines.bench import run_benchmark
+    lines = []
+    out = run_benchmark(clips=2, rounds=2, kinds=("davis",), workdir=str(tmp_path),
+                        size=(64, 96), echo=lines.append)
+    assert out["davis"]["ours"].cpu > 0 and out["davis"]["published"] is None
+    assert len(lines) == 1 and "ours" in lines[0] and "published" not in lines[0]
+
+
+@needs_published
+def test_bench_pipeline_against_the_published_loader(tmp_path):
+    from pipelines.bench import run_benchmark
+    lines = []
+    out = run_benchmark(clips=2, published=PUBLISHED, published_clips=2, rounds=2,
+                        torchvision_dir=os.environ.get("STCN_TORCHVISION"),
+                        thinplate_dir=os.environ.get("STCN_THINPLATE"), kinds=("davis", "static"),
+                        workdir=str(tmp_path), size=(96, 128), echo=lines.append)
+    for kind in ("davis", "static"):
+        result = out[kind]
+        assert result["published"].cpu > 0
+        assert result["ratio"] == pytest.approx(result["ours"].cpu / result["published"].cpu)
+    assert all("published" in line and "ratio x" in line for line in lines)
