@@ -53,8 +53,12 @@ ClipLoader:  `for batch in loader` runs the rest of the current epoch, then the 
 ClipStream: the torch IterableDataset behind ClipLoader (yields whole batches).
 The epoch plan (shards.plan) is a pure function of the manifests, weights, seed and epoch.
 
-URL helpers (shards.storage): join(url_dir, name), exists(url), filesystem(url) -> (fs, path),
-read_bytes(url), open_read(url), write_bytes_atomic(url, data).
+Storage (shards.storage, the one module that talks to fsspec): join(url_dir, name),
+exists(url), size(url), listdir(url), read_bytes(url), read_verified(url, size, sha256),
+open_read(url), write_bytes_atomic(url, data), configure(options); remote requests are
+retried (retry_count()), errors name the URL, never a credential. Remote shards are
+fetched ahead (shards.fetch) through an optional node cache (shards.cache); make_loader's
+prefetch, cache_dir and cache_limit.
 
 Tools' library side: shards.verify.verify_shard_set, shards.contact_sheet.write_contact_sheet,
 shards.bench.run_benchmark, shards.sample_clips (synthetic clips for tests/benchmarks).

@@ -174,7 +174,7 @@ def _secrets() -> list[str]:
     values = [os.environ.get(name) for name in _SECRET_ENV]
     for options in _options().values():
         values += [str(v) for k, v in options.items() if k.lower() in _SECRET_KEYS]
-    return [v for v in values if v and len(v) >= 4]
+    return [v for v in values if v and len(v) >= 8]  # shorter ones would mask common words
 
 
 _USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
@@ -251,7 +251,9 @@ def _full_url(fs, path: str, like: str) -> str:
     if is_local(like):
         return path
     prefix = like.split("://", 1)[0]
-    return path if "://" in path else f"{prefix}://{path.lstrip('/') if prefix != 'memory' else path}"
+    if "://" in path:
+        return path
+    return f"{prefix}://{path if prefix == 'memory' else path.lstrip('/')}"
 
 
 # ----------------------------------------------------------------------------- retries
@@ -540,7 +542,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         _retrying(url, "PUT", lambda: fs.pipe_file(path, bytes(data), **kw))
         return
     parent, _, name = path.rpartition("/")
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}" if parent else f".{name}.tmp-{uuid.uuid4().hex}"
+    hidden = f".{name}.tmp-{uuid.uuid4().hex}"
+    tmp = f"{parent}/{hidden}" if parent else hidden
     if parent:
         os.makedirs(parent, exist_ok=True)
     try:

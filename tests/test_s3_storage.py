@@ -311,3 +311,16 @@ def test_credentials_never_appear_in_errors(proxy):
     assert len(messages) == 4 and all("s3://" in m for m in messages[:3])
     for m in messages:
         assert KEY_ID not in m and SECRET not in m
+
+
+def test_bench_loader_compares_remote_with_local(sets):
+    from shards.bench import format_remote_results, run_remote_benchmark
+
+    _, remote = sets
+    results = run_remote_benchmark(remote, batch_size=3, workers=0, repeats=1)
+    assert results["local"] > 0
+    for name in ("remote_prefetch", "remote_cold_cache", "remote_warm_cache"):
+        assert results[f"ratio_{name}"] == pytest.approx(results[name] / results["local"])
+        assert results[name] > 0
+    text = format_remote_results(results)
+    assert "remote warm cache" in text and "remote/local" in text and "s3://bkt/set" in text

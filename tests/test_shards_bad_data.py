@@ -6,11 +6,11 @@ import io
 import tarfile
 import uuid
 
-import fsspec
 import numpy as np
 import pytest
 
 import shards
+from shards import storage
 from shards.sample_clips import make_clip
 
 N, PER_SHARD = 24, 6
@@ -39,7 +39,7 @@ def make_set(damage=None):
     """A 4-shard set; `damage(shard_index, samples)` may alter samples before writing,
     or return replacement bytes for the shard file (the manifest keeps the good digest)."""
     root = f"memory://bad-{uuid.uuid4().hex}"
-    fs = fsspec.filesystem("memory")
+    fs = storage.filesystem("memory://")[0]
     infos = []
     for s in range(N // PER_SHARD):
         samples = encoded("v", PER_SHARD, start=s * PER_SHARD)
@@ -118,7 +118,7 @@ def test_checksum_mismatch_rejects_the_shard_when_verifying():
 
 def test_missing_shard_file():
     root = make_set()
-    fsspec.filesystem("memory").rm(f"/{root[9:]}/shard-000001.tar")
+    storage.filesystem("memory://")[0].rm(f"/{root[9:]}/shard-000001.tar")
     with pytest.warns(shards.BadDataWarning, match="shard-000001.tar: not found"):
         loader, _ = run(root)
     assert loader.stats.bad_shards == 1

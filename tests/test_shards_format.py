@@ -3,11 +3,11 @@ import io
 import tarfile
 import uuid
 
-import fsspec
 import numpy as np
 import pytest
 
 import shards
+from shards import storage
 from shards.sample_clips import make_clip
 
 
@@ -68,7 +68,7 @@ def test_writer_manifest_round_trip(tmp_path, kind):
     assert len(back) == 7
     for got, want in zip(back, data):
         assert_same_clip(got, want)
-    fs, path = fsspec.core.url_to_fs(root)
+    fs, path = storage.filesystem(root)
     assert not [p for p in fs.ls(path, detail=False) if ".tmp-" in p]  # no temp files left
 
 
@@ -102,7 +102,7 @@ def test_failed_write_leaves_nothing_behind():
 
     with pytest.raises(RuntimeError):
         shards.write_shard(f"{root}/shard-000000.tar", broken())
-    assert not fsspec.filesystem("memory").exists(f"/{root[9:]}/shard-000000.tar")
+    assert not storage.filesystem("memory://")[0].exists(f"/{root[9:]}/shard-000000.tar")
 
 
 def test_merge_manifests_sorts_and_rejects_conflicts():
@@ -143,7 +143,7 @@ def test_soft_masks_round_trip_and_are_checked():
     # the tar holds it before meta.json, and reading the shard back keeps it
     root = f"memory://soft-{uuid.uuid4().hex}"
     info = shards.write_shard(f"{root}/a.tar", [{**clip, "soft": soft}])
-    raw = fsspec.filesystem("memory").cat(f"/{root[9:]}/a.tar")
+    raw = storage.filesystem("memory://")[0].cat(f"/{root[9:]}/a.tar")
     names = tarfile.open(fileobj=io.BytesIO(raw)).getnames()
     assert names.index(f"{clip['__key__']}.soft.u8.zlib") < names.index(f"{clip['__key__']}.meta.json")
     shards.write_manifest(root, shards.Manifest(shards=[info]))
@@ -153,7 +153,7 @@ def test_soft_masks_round_trip_and_are_checked():
 def test_older_format_versions_are_refused_with_the_fix():
     root = f"memory://old-{uuid.uuid4().hex}"
     manifest = shards.Manifest(version=1).to_json()
-    fsspec.filesystem("memory").pipe(f"/{root[9:]}/manifest.json", manifest.encode())
+    storage.filesystem("memory://")[0].pipe(f"/{root[9:]}/manifest.json", manifest.encode())
     with pytest.raises(shards.ManifestError, match=r"version 1 is older.*remake.*tools/make_shards"):
         shards.read_manifest(root)
 
@@ -162,7 +162,7 @@ def test_read_manifest_errors_are_clear():
     root = f"memory://nomani-{uuid.uuid4().hex}"
     with pytest.raises(shards.ManifestError, match="no manifest"):
         shards.read_manifest(root)
-    fsspec.filesystem("memory").pipe(f"/{root[9:]}/manifest.json", b'{"version": 99}')
+    storage.filesystem("memory://")[0].pipe(f"/{root[9:]}/manifest.json", b'{"version": 99}')
     with pytest.raises(shards.ManifestError, match="not a valid"):
         shards.read_manifest(root)
 

@@ -3,12 +3,12 @@ and elastic resumption (ranks simulated in one process), DataLoader workers."""
 import uuid
 from collections import Counter
 
-import fsspec
 import numpy as np
 import pytest
 import torch
 
 import shards
+from shards import storage
 from shards.sample_clips import make_clip
 
 SIZE = 16
@@ -135,7 +135,7 @@ def test_resume_rejects_a_different_plan_but_not_a_moved_set(uneven_set, tmp_pat
     with pytest.raises(ValueError, match="different seed, weights"):
         shards.make_loader([(uneven_set, 2)], batch_size=2, seed=1).load_state_dict(state)
     # the same set copied elsewhere resumes exactly
-    fs = fsspec.filesystem("memory")
+    fs = storage.filesystem("memory://")[0]
     fs.get(f"/{uneven_set[len('memory://'):]}", str(tmp_path / "copy"), recursive=True)
     moved = shards.make_loader(str(tmp_path / "copy"), batch_size=2, seed=1, shuffle_buffer=4)
     moved.load_state_dict(state)

@@ -6,13 +6,13 @@ import uuid
 from pathlib import Path
 
 import cv2
-import fsspec
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 import shards
+from shards import storage
 from shards.sample_clips import write_synthetic_set
 from shards.writer import tar_bytes
 
@@ -45,7 +45,7 @@ def test_verify_passes_a_good_set(small_set):
 def test_verify_reports_problems_and_fails(damage, expect):
     root = f"memory://verify-{uuid.uuid4().hex}"
     write_synthetic_set(root, 10, size=32, max_count=4, progress=False)
-    fs, path = fsspec.filesystem("memory"), root[len("memory://"):]
+    fs, path = storage.filesystem("memory://")[0], root[len("memory://"):]
     shard = f"/{path}/shard-000001.tar"
     data = bytearray(fs.cat(shard))
     if damage == "flip":
@@ -99,7 +99,7 @@ def test_contact_sheet_is_written(small_set):
     out = f"{small_set}-sheet/sheet.png"
     result = invoke("inspect_shards", small_set, "--out", out, "--count", "3", "--thumb", "40")
     assert result.exit_code == 0
-    png = fsspec.open(out, "rb").open().read()
+    png = storage.read_bytes(out)
     sheet = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     assert sheet.shape[1] == 3 * 40 and sheet.shape[0] > 3 * 40
     assert sheet.std() > 10  # an image, not a blank page
