@@ -204,7 +204,8 @@ def test_cli_help_explains_every_option():
     assert result.returncode == 0
     for option in ("--stage", "--shards", "--run-dir", "--load-network", "--resume", "--iterations",
                    "--batch-size", "--lr", "--crop", "--workers", "--config", "--amp", "--device",
-                   "--nan-policy", "--compile", "--channels-last"):
+                   "--nan-policy", "--compile", "--channels-last", "--from-scratch", "--schedule-scaling",
+                   "--dry-run", "--allow-repeats", "--rank-logs"):
         assert option in result.stdout
 
 
