@@ -414,7 +414,9 @@ class Trainer:
             raise ValueError(
                 f"checkpoint in {self.run_dir} is for stage {state['stage']['stage']}, not {self.stage.stage}: "
                 "use a fresh --run-dir per stage and --load-network to start from earlier weights")
-        changed = sorted(k for k, v in self.stage.to_dict().items() if state["stage"].get(k) != v)
+        # A field newer than the checkpoint (e.g. schedule_scaling) has no saved value to differ from.
+        changed = sorted(k for k, v in self.stage.to_dict().items()
+                         if k in state["stage"] and state["stage"][k] != v)
         if changed:
             warnings.warn(f"resuming with stage settings that differ from the checkpoint's ({', '.join(changed)}); "
                           "the lr schedule's milestones stay those of the checkpoint")
