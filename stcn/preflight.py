@@ -171,9 +171,13 @@ def _read_set(plan: SetPlan, stage: StageConfig, problems: list[str]) -> None:
         problems.append(f"{plan.url}: holds no clips")
 
 
-def _make_command(plan: SetPlan, clips: int | None) -> str:
-    source = plan.source or "SOURCE"
-    skip = f" --max-skip {plan.max_skip}" if plan.max_skip is not None else ""
+def _make_command(plan: SetPlan, stage: StageConfig, clips: int | None) -> str:
+    only = next(iter(stage.sources)) if len(stage.sources) == 1 else None
+    source = plan.source or only or "|".join(stage.sources)
+    if plan.max_skip is not None:
+        skip = f" --max-skip {plan.max_skip}"
+    else:  # an explicit set: its phase's skip is not known here
+        skip = "" if stage.phases[0].max_skip is None else " --max-skip S"
     return f"{MAKE_SHARDS} {source} SRC --out {plan.url}{skip} --clips {clips if clips else 'N'}"
 
 
@@ -252,7 +256,7 @@ def check_run(stage: StageConfig, options: Any, world_size: int,
                 problems.append(problem)
     for s in read.values():
         if s.missing:
-            plan.commands.append(_make_command(s, (make_clips or {}).get(s.url)))
+            plan.commands.append(_make_command(s, stage, (make_clips or {}).get(s.url)))
     return plan
 
 
