@@ -83,9 +83,11 @@ synthetic youtube "$VIDEO_SIZE"
 
 step
 shards static "$SHARDS/static" --clips "$STATIC_CLIPS"
-# --subset all: the synthetic sets do not hold the videos of the published train lists
+# --subset all: the synthetic sets do not hold the videos of the published train lists.
+# DAVIS x5 as published: both synthetic sets have $VIDEOS videos, so DAVIS gets 5x the clips
+# (the trainer streams each clip of a phase once and mixes the sets by their sizes).
 for skip in 5 10 15 20 25; do
-  shards davis "$SHARDS/davis/skip$skip" --clips "$VIDEO_CLIPS" --max-skip "$skip" --subset all
+  shards davis "$SHARDS/davis/skip$skip" --clips "$((5 * VIDEO_CLIPS))" --max-skip "$skip" --subset all
   shards youtube "$SHARDS/youtube/skip$skip" --clips "$VIDEO_CLIPS" --max-skip "$skip" --subset all
 done
 
