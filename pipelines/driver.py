@@ -48,7 +48,8 @@ from pipelines.sources import (MemoryFrames, archive_name, iter_archive_videos, 
                                open_bl30k_tree, open_davis, open_static, open_youtube)
 
 #: Bump when a change to the pipeline changes the clips a config produces.
-PIPELINE_VERSION = 2  # 2: the published triplet rule (gaps up to J + 1, end clamps), --subset
+PIPELINE_VERSION = 2  # 2: the published triplet rule (gaps up to J + 1, end clamps), --subset,
+#                       per-step canvases and fill, static soft masks
 PARTS = "_parts"
 KINDS = ("static", "davis", "youtube", "bl30k")
 
