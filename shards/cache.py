@@ -32,8 +32,8 @@ def parse_size(text) -> int:
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"cache size {text!r}: expected a number with an optional unit "
-                         "(e.g. 20GB, 500MiB, 1e9 bytes as 1000000000)")
+        raise ValueError(f"cache limit {text!r}: expected a size such as 20GB, 500MiB or a "
+                         "number of bytes")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 

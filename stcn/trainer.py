@@ -51,6 +51,10 @@ PREEMPTED_EXIT_CODE = 75
 INTERRUPTED_EXIT_CODE = 130
 #: Steps over which --max-nonfinite is counted.
 NONFINITE_WINDOW = 100
+# A stage whose clips have no target object (all-background masks) more often than this
+# learns mostly "background": warn, with the share (once a few batches were seen).
+EMPTY_CLIP_WARN_SHARE = 0.25
+EMPTY_CLIP_MIN_SEEN = 16
 NAN_POLICIES = ("skip", "stop")
 AMP_MODES = ("fp16", "bf16", "off")
 
@@ -105,6 +109,12 @@ class TrainOptions:
         for name in ("checkpoint_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        from shards.cache import parse_size
+        from shards.fetch import FetchOptions
+
+        # bad --prefetch/--cache-dir/--cache-limit: an error now, not after the network is built
+        FetchOptions(self.prefetch, self.cache_dir,
+                     parse_size(self.cache_limit) if self.cache_limit is not None else None)
 
 
 @dataclass
@@ -370,6 +380,9 @@ class Trainer:
         self.recent_nonfinite: collections.deque[int] = collections.deque(maxlen=NONFINITE_WINDOW)
         self.bad_samples_before = 0  # loader bad samples of the phases finished before this one
         self.last_metrics: dict[str, float] = {}
+        self.clips_seen = 0            # this run, this rank: clips that reached a step
+        self.clips_without_target = 0  # ... of which had no object (meta "objects": [])
+        self.empty_warned = False
 
     # ---------------------------------------------------------------- state
     def _seed_everything(self, seed: int) -> None:
@@ -630,6 +643,10 @@ class Trainer:
             "data_wait_fraction": totals.get("data_wait_fraction"),
             "world_size": self.context.world_size,
             "bad_samples": metrics.get("bad_samples"),  # whole run: every phase, every resume
+            # this run's clips (main rank) and the share without a target object
+            "clips_seen": self.clips_seen,
+            "clips_without_target_share": round(self.clips_without_target / self.clips_seen, 4)
+            if self.clips_seen else None,
             "checkpoints": [str(path) for _, path in self.checkpoints.checkpoints()],
             "weights": str(result.weights_path) if result.weights_path else None,
         })
@@ -662,9 +679,9 @@ class Trainer:
                                                     self.augment_rng, self.device, options.crop,
                                                     options.crop_mode, options.channels_last,
                                                     batch.get("soft"))
-                targets = clip_targets(masks, *select_objects(batch["meta"], self.sample_rng,
-                                                              stage.single_object),
-                                       soft, batch.get("has_soft"))
+                chosen = select_objects(batch["meta"], self.sample_rng, stage.single_object)
+                self.count_targets(chosen[0], final=self.iteration + 1 == stage.iterations)
+                targets = clip_targets(masks, *chosen, soft, batch.get("has_soft"))
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.step(frames, targets)
                 figures = torch.stack([out["loss"].detach(), out["loss_frame1"].detach(),
@@ -723,6 +740,21 @@ class Trainer:
                     checkpoint_due = False
             self.bad_samples_before += loader.stats.bad_samples
         return "completed"
+
+    def count_targets(self, targets: list[int], final: bool = False) -> None:
+        """Count clips without a target object; warn once (main rank) when they are more than
+        EMPTY_CLIP_WARN_SHARE of what this run streamed, after EMPTY_CLIP_MIN_SEEN clips or at
+        the last iteration."""
+        self.clips_seen += len(targets)
+        self.clips_without_target += sum(1 for t in targets if t < 0)
+        share = self.clips_without_target / max(self.clips_seen, 1)
+        if (not self.empty_warned and self.context.is_main and share > EMPTY_CLIP_WARN_SHARE
+                and (self.clips_seen >= EMPTY_CLIP_MIN_SEEN or final)):
+            self.empty_warned = True
+            warnings.warn(f"{share:.0%} of the clips stage {self.stage.stage} streamed so far "
+                          f"({self.clips_without_target} of {self.clips_seen}) have no target object "
+                          "(all-background masks): the network learns mostly background; check the "
+                          "shard sets (tools/inspect_shards) or the source annotations", stacklevel=2)
 
     def _log(self, monitor: TrainingMonitor, window: list[torch.Tensor], timer: StepTimer,
              out: Mapping[str, Any], nonfinite: int, loader: Any) -> None:

@@ -242,7 +242,7 @@ def test_eviction_never_removes_a_shard_being_read(sets, tmp_path):
     # released: the least recently used go until the newest alone fits
     assert [os.path.exists(cache.path(i)) for i in infos[:3]] == [False, False, True]
     assert parse_size("20GB") == 20 * 10**9 and parse_size("1.5GiB") == 3 * 2**29
-    with pytest.raises(ValueError, match="cache size"):
+    with pytest.raises(ValueError, match="cache limit 'lots'"):
         parse_size("lots")
 
 
@@ -324,3 +324,16 @@ def test_bench_loader_compares_remote_with_local(sets):
         assert results[name] > 0
     text = format_remote_results(results)
     assert "remote warm cache" in text and "remote/local" in text and "s3://bkt/set" in text
+
+
+def test_only_shards_talks_to_fsspec():
+    """One storage seam: no module outside shards/ imports fsspec."""
+    name = "fs" + "spec"  # (spelled apart: this file is searched too)
+    offenders = []
+    for top in ("pipelines", "stcn", "tools", "tests", "jobs"):
+        for path in (REPO / top).rglob("*"):
+            if path.is_file() and (path.suffix == ".py" or top == "tools"):
+                text = path.read_text(errors="replace")
+                if f"import {name}" in text or f"from {name}" in text:
+                    offenders.append(str(path.relative_to(REPO)))
+    assert offenders == []
