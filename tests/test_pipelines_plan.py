@@ -83,7 +83,7 @@ def test_clips_fraction_repeats_and_says_how_often():
 
 def test_plan_cli_prints_streams_and_make_per_phase_and_set():
     out = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards"), "plan", "--stage",
-                          "2", "--gpus", "2", "--root", "S"], capture_output=True, text=True,
+                          "2", "--gpus", "2", "--shards", "S"], capture_output=True, text=True,
                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     rows = re.findall(r"phase (\d) .* S/(\S+): streams ([\d,]+) clips, make ([\d,]+)", out.stdout)
