@@ -38,8 +38,10 @@ iter_samples(url_dir, verify=True) -> iterator of decoded samples of a whole set
 
 Streaming to DDP ranks (torch)
 ------------------------------
-ShardSource(url_dir, weight=1.0)       one shard set in a mix; weight 5 = five passes
-                                       per epoch (DAVIS x5 + YouTubeVOS x1)
+ShardSource(url_dir, weight=1.0, start=0, stop=None)
+                                       one shard set in a mix; weight 5 = five passes over
+                                       each clip per epoch; samples [start, stop) only
+                                       (phases sharing a set read disjoint ranges)
 make_loader(sources, batch_size, rank=0, world_size=1, num_workers=0, seed=0,
             shuffle_buffer=..., verify=True, max_bad_fraction=...) -> ClipLoader
 ClipLoader:  `for batch in loader` runs the rest of the current epoch, then the loader
