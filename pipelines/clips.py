@@ -78,9 +78,11 @@ def _check_size(store, video: Video, name: str, image: np.ndarray, mask: np.ndar
 
 def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, seed: int,
                     max_skip: int, frame_step: int, aug: VideoAugment, size_rule: bool) -> dict:
-    """Round `round_` clip of `video`: a triplet with gaps up to max_skip raw frames
-    (max_skip // frame_step listed frames), augmented; retried with new frames when no
-    object is eligible, up to ATTEMPTS (then kept with "objects": [], as published)."""
+    """Round `round_` clip of `video`: a triplet by the published rule with J =
+    max_skip // frame_step listed frames (TripletSampler: gaps up to J + 1), augmented;
+    retried with new frames and a new augmentation (a new generator per attempt) until
+    frame 0 holds an eligible object, up to ATTEMPTS; then kept with "objects": [], as
+    published."""
     sampler = TripletSampler(max(1, max_skip // frame_step))
     decoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for attempt in range(ATTEMPTS):
