@@ -95,6 +95,15 @@ def _prefilter(image: np.ndarray, inverse: np.ndarray, size: int, margin: float
     return reduced, to_reduced @ inverse
 
 
+def _affine_inverse(m: np.ndarray) -> np.ndarray:
+    """Inverse of an affine 3x3 matrix, in plain floats (np.linalg.inv costs ~10 us a call,
+    several per frame)."""
+    (a, b, c), (d, e, f) = m[:2].tolist()
+    det = a * e - b * d
+    return np.array([[e / det, -b / det, (b * f - c * e) / det],
+                     [-d / det, a / det, (c * d - a * f) / det], [0.0, 0.0, 1.0]])
+
+
 def _inset(xs: list[float], ys: list[float]) -> np.ndarray:
     """The parallelogram with corners (xs, ys) with each edge moved inwards by half a
     pixel times the larger component of its normal. cv2's polygon fill rounds each span to
@@ -121,25 +130,31 @@ def _inset(xs: list[float], ys: list[float]) -> np.ndarray:
 
 
 def _outside_plane(label: np.ndarray, after: np.ndarray, canvas: tuple[int, int],
-                   code: int) -> None:
+                   code: int, blank: bool) -> bool:
     """Set `label` (uint8, the chain's output space) to `code` where a pixel maps, by the
-    inverse of `after` (this step and all later ones), outside the step's input canvas.
+    inverse of `after` (this step and all later ones), outside the step's input canvas;
+    `blank`: label is all 0 so far. Returns whether any pixel can be outside.
 
     That region is the complement of the canvas rectangle's image, a convex polygon drawn
     with sub-pixel precision: far cheaper than testing every pixel's coordinates."""
     w, h = canvas
     m = label.shape[0] - 1
-    (a, b, c), (d, e, f) = np.linalg.inv(after)[:2].tolist()  # plain floats: cheap
+    (a, b, c), (d, e, f) = _affine_inverse(after)[:2].tolist()
     us = (c, a * m + c, b * m + c, (a + b) * m + c)  # the output corners, on the canvas
     vs = (f, d * m + f, e * m + f, (d + e) * m + f)
     if min(us) >= -0.5 and max(us) < w - 0.5 and min(vs) >= -0.5 and max(vs) < h - 0.5:
-        return  # the output square maps inside (an affine image of it: its corners do)
+        return False  # the output square maps inside (an affine image of it: its corners do)
     (a, b, c), (d, e, f) = after[:2].tolist()
     rect = ((-0.5, -0.5), (w - 0.5, -0.5), (w - 0.5, h - 0.5), (-0.5, h - 0.5))
     polygon = _inset([a * x + b * y + c for x, y in rect], [d * x + e * y + f for x, y in rect])
+    if blank:  # nothing to keep: draw in place
+        label.fill(code)
+        cv2.fillConvexPoly(label, polygon, 0, lineType=cv2.LINE_8, shift=8)
+        return True
     outside = np.full_like(label, code)
     cv2.fillConvexPoly(outside, polygon, 0, lineType=cv2.LINE_8, shift=8)
     cv2.max(label, outside, dst=label)  # codes grow along the chain: the later step wins
+    return True
 
 
 def _warp_soft(soft: np.ndarray, inverse: np.ndarray, size: int, warp, qx, qy) -> np.ndarray:
@@ -195,7 +210,7 @@ def warp_frame(image: np.ndarray, steps: Sequence[Step], size: int, *,
     for step in reversed(steps):
         afters.insert(0, afters[0] @ step.forward)
     forward = afters[0]
-    inverse = np.linalg.inv(forward)
+    inverse = _affine_inverse(forward)
     margin = 0.0 if displacement is None else float(np.abs(displacement).max())
     src_image, image_inverse = _prefilter(image, inverse, size, margin)
     border = dict(borderMode=cv2.BORDER_CONSTANT)
@@ -227,11 +242,12 @@ def warp_frame(image: np.ndarray, steps: Sequence[Step], size: int, *,
     # chain; a later step's fill overwrites an earlier one's (the chain's output shows it).
     label = np.zeros((size, size), np.uint8)
     fills: list[tuple[int, int, int]] = []
+    drawn = False
     for step, after in zip(steps, afters):
         if step.fill is not None:
             if not fills or fills[-1] != tuple(step.fill):  # a run of equal fills: one code
                 fills.append(tuple(step.fill))
-            _outside_plane(label, after, step.canvas, len(fills))
+            drawn |= _outside_plane(label, after, step.canvas, len(fills), not drawn)
     if displacement is not None:
         # the field reads the affine chain's output canvas: beyond it, its own fill
         fills.append(tuple(displacement_fill))
