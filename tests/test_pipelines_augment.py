@@ -70,6 +70,8 @@ def test_static_parameters_in_published_ranges():
             assert 0.9 <= frame["scale"] <= 1.1
             tps += frame["tps"]
     assert 0.2 < tps / 180 < 0.46  # p = 0.33
+    with pytest.raises(ValueError, match="8-bit"):
+        augment_static(rng, image, mask // 255, STATIC_AUGMENT)
 
 
 def test_same_generator_same_clip():

@@ -47,6 +47,8 @@ def augment_static(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray
     The mask is warped bicubically as 8-bit values (the published soft mask); the id masks
     are 1 where it is above SOFT_THRESHOLD. Returns (frames, ids, soft masks, parameters)."""
     h, w = mask.shape
+    if mask.max() == 1:  # a 0/1 map would never pass the 0.5 threshold: a caller's mistake
+        raise ValueError("augment_static takes the 8-bit mask (0..255), got a 0/1 map")
     clip, clip_params = random_affine(rng, w, h, scale=aug.clip_scale)
     resized_wh = shorter_side_size(w, h, aug.size)
     frames, softs, frame_params = [], [], []
