@@ -22,15 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: Training videos (images for static) per source: the published train lists (DAVIS 2017
-#: train, the 3464 of 3471 YouTubeVOS videos the authors kept) and the BL30K release.
-SOURCE_ITEMS = {"static": 1, "bl30k": 29_989, "davis": 60, "youtube": 3_464}
+from pipelines.kinds import KINDS, PerKind
 
-#: Bytes per clip of 384x384 shards (3 JPEG frames q90 + masks + meta + tar headers),
-#: measured with make_shards on the synthetic sets at their real sizes (80 clips each,
-#: max skip 25; README, section pipelines). Real footage has more texture than the
-#: synthetic scenes: after a first real run, pass --bytes-per-clip (manifest bytes / clips).
-BYTES_PER_CLIP = {"static": 70_000, "bl30k": 66_000, "davis": 65_000, "youtube": 60_000}
+#: Training videos (images for static) per source kind, and measured bytes per 384x384 clip:
+#: live views of the source kind registry (pipelines.kinds, where the figures come from).
+SOURCE_ITEMS = PerKind("plan_items")
+BYTES_PER_CLIP = PerKind("bytes_per_clip")
 
 
 @dataclass(frozen=True)
@@ -121,7 +118,7 @@ def format_plan(stage, gpus: int, needs: list[SetNeed], root: str, bytes_per_cli
         total += size
         skip = f" --max-skip {name.split('skip')[1]}" if "/skip" in name else ""
         extra = (f"  (from archives: --clips-per-video "
-                 f"{math.ceil(clips / SOURCE_ITEMS['bl30k'])})" if source == "bl30k" else "")
+                 f"{math.ceil(clips / SOURCE_ITEMS[source])})" if KINDS[source].archives else "")
         lines.append(f"  tools/make_shards {source} SRC --out {root}/{name}{skip} --clips {clips}"
                      f"   # ~{size / 1e9:.1f} GB{extra}")
     lines.append(f"total ~{total / 1e9:.1f} GB at "
