@@ -110,7 +110,8 @@ def describe_videos(job, source) -> dict:
     """Archives by name, or the number of videos and those left out as too short."""
     if isinstance(source, list):
         return {"archives": [archive_name(a) for a in source]}
-    return {"videos": len(source.videos), "too_short_videos": list(source.too_short)}
+    return {"videos": len(source.videos),
+            "too_short_videos": list(getattr(source, "too_short", ()))}
 
 
 def describe_listed_videos(job, source) -> dict:
