@@ -127,7 +127,9 @@ class ShardFetcher:
             raise ShardError(f"shard {storage.redact(url)}: not found") from None
         except storage.ChecksumError as err:
             raise ShardError(str(err)) from None
-        except OSError as err:  # StorageError, PermissionError: the message names the URL
+        except PermissionError:
+            raise  # credentials, not data: stop with the one-line message naming the URL
+        except OSError as err:  # StorageError (retries exhausted): the message names the URL
             raise ShardError(f"shard {storage.redact(err)}") from None
         if isinstance(got, bytes):
             yield from iter_shard(url, info, verify=False, data=got)

@@ -331,7 +331,8 @@ def classify(err: BaseException) -> str:
 
 def _retrying(url: str, what: str, call, local: bool = False):
     """`call()` under the retry policy (local files: once). Permanent errors are raised at
-    once as FileNotFoundError / PermissionError / StorageError naming `url`."""
+    once as FileNotFoundError (404), PermissionError (403/401, no credentials: the loader
+    stops on these, they are not bad data) or StorageError, naming `url`."""
     if local:
         return call()
     policy = retry_policy()
@@ -351,7 +352,7 @@ def _retrying(url: str, what: str, call, local: bool = False):
                                       "credentials (AWS_* variables, AWS_PROFILE or "
                                       "--storage-options)") from None
             if kind == "credentials":
-                raise StorageError(f"{shown}: no credentials found; set AWS_ACCESS_KEY_ID/"
+                raise PermissionError(f"{shown}: no credentials found; set AWS_ACCESS_KEY_ID/"
                                    "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or pass "
                                    '--storage-options \'{"anon": true}\' for public '
                                    "buckets") from None

@@ -337,3 +337,28 @@ def test_only_shards_talks_to_fsspec():
                 if f"import {name}" in text or f"from {name}" in text:
                     offenders.append(str(path.relative_to(REPO)))
     assert offenders == []
+
+
+def test_access_denied_stops_the_loader_instead_of_counting_bad_data(sets, proxy):
+    _, remote = sets
+    proxy.inject(1, kinds=("403",), match=lambda method, path: ".tar" in path)
+    with pytest.raises(PermissionError, match=r"s3://bkt/set/shard-\d+\.tar: access denied"):
+        list(shards.make_loader(remote, batch_size=3, max_bad_fraction=1.0))
+
+
+def test_endpoint_from_the_aws_environment_or_options_with_path_style(sets, proxy, monkeypatch):
+    _, remote = sets
+    want = storage.read_bytes(f"{remote}/manifest.json")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the standard variable, no options
+    monkeypatch.setenv(storage.ENV_OPTIONS, "{}")
+    storage.configure()
+    try:
+        assert storage.read_bytes(f"{remote}/manifest.json") == want
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+        storage.configure({"endpoint_url": proxy.url, "path_style": True})
+        before = proxy.requests("GET", "/bkt/set/manifest.json")
+        assert storage.read_bytes(f"{remote}/manifest.json") == want
+        assert proxy.requests("GET", "/bkt/set/manifest.json") == before + 1  # path-style URL
+    finally:
+        monkeypatch.undo()
+        storage.configure()
