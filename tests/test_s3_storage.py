@@ -362,3 +362,29 @@ def test_endpoint_from_the_aws_environment_or_options_with_path_style(sets, prox
     finally:
         monkeypatch.undo()
         storage.configure()
+
+
+def test_concurrent_readers_of_a_cold_cache_download_once(sets, proxy, tmp_path):
+    """Four readers (as ranks/workers would) ask for one shard at once: one GET."""
+    import threading
+
+    _, remote = sets
+    info = shards.read_manifest(remote).shards[3]
+    url = f"{remote}/{info.name}"
+    before = proxy.requests("GET", info.name)
+    got, start = [], threading.Barrier(4)
+
+    def reader():
+        start.wait()
+        shard = ShardCache(str(tmp_path / "c"), 10**9).open(url, info)  # own instance, own fds
+        got.append((shard.hit, shard.file.read()))
+        shard.close()
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert proxy.requests("GET", info.name) - before == 1
+    assert sorted(hit for hit, _ in got) == [False, True, True, True]
+    assert len({data for _, data in got}) == 1 and len(got[0][1]) == info.bytes
