@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,19 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_mean_named(values: Mapping[str, torch.Tensor | float], device: torch.device) -> dict[str, float]:
+    """Mean over all ranks of named scalars, in one collective.
+
+    The scalars travel as one tensor stacked in sorted-name order, the same on every rank
+    whatever order each rank built its dict in; the result keeps the dict's own order.
+    """
+    names = sorted(values)
+    stacked = torch.stack([torch.as_tensor(values[name]).detach().to(device, torch.float32).reshape(())
+                           for name in names]) if names else torch.zeros(0, device=device)
+    reduced = dict(zip(names, all_reduce_mean(stacked).cpu().tolist()))
+    return {name: reduced[name] for name in values}
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when `flag` is true on at least one rank, so all ranks take the same decision."""
     if dist.is_available() and dist.is_initialized():
@@ -100,4 +114,5 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return flag
 
 
-__all__ = ["DistributedContext", "init_distributed", "cleanup", "barrier", "all_reduce_mean", "any_rank"]
+__all__ = ["DistributedContext", "init_distributed", "cleanup", "barrier", "all_reduce_mean", "all_reduce_mean_named",
+           "any_rank"]

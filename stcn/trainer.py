@@ -657,7 +657,7 @@ class Trainer:
         self.net.train()
         self.last_metrics = {}
         timer = self.timer = StepTimer(self.device)
-        window: list[torch.Tensor] = []
+        window: dict[str, list[torch.Tensor]] = {}  # logged scalar -> its finite steps since the last log
         nonfinite = 0
         checkpoint_due = False
         self.check_later_phases()
@@ -684,10 +684,13 @@ class Trainer:
                 targets = clip_targets(masks, *chosen, soft, batch.get("has_soft"))
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.step(frames, targets)
-                figures = torch.stack([out["loss"].detach(), out["loss_frame1"].detach(),
-                                       out["loss_frame2"].detach(), out["iou_frame1"],
-                                       out["iou_frame2"]]).float().cpu()
-                finite = bool(torch.isfinite(figures[0]))
+                # Per-step scalars, averaged over the log window (one line each).
+                figures = {"loss": out["loss"].detach(),
+                           "loss_frame1": out["loss_frame1"].detach(),
+                           "loss_frame2": out["loss_frame2"].detach(),
+                           "iou_frame1": out["iou_frame1"],
+                           "iou_frame2": out["iou_frame2"]}
+                finite = bool(torch.isfinite(figures["loss"]))
                 skipped = distributed.any_rank(not finite, self.device)
                 self.recent_nonfinite.append(int(skipped))
                 if skipped:
@@ -702,8 +705,12 @@ class Trainer:
                     self.scaler.scale(out["loss"]).backward()
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
-                    self.losses.append(float(figures[0]))
-                    window.append(figures)
+                    self.losses.append(float(figures["loss"]))
+                # a skipped step still names its scalars, so a window of only skipped steps logs NaN
+                for name, value in figures.items():
+                    column = window.setdefault(name, [])
+                    if not skipped:
+                        column.append(value.float())
                 with warnings.catch_warnings():
                     # The schedule follows iterations, skipped ones included (torch warns when
                     # the very first optimizer step was skipped).
@@ -716,7 +723,7 @@ class Trainer:
                     self._log_images(monitor, frames, targets, out)
                 if self.iteration % options.log_every == 0 or self.iteration == stage.iterations:
                     self._log(monitor, window, timer, out, nonfinite, loader)
-                    window = []
+                    window = {}
                     timer.reset()
                 if sum(self.recent_nonfinite) > options.max_nonfinite:
                     return self.diverged(monitor, f"{sum(self.recent_nonfinite)} of the last "
@@ -756,12 +763,10 @@ class Trainer:
                           "(all-background masks): the network learns mostly background; check the "
                           "shard sets (tools/inspect_shards) or the source annotations", stacklevel=2)
 
-    def _log(self, monitor: TrainingMonitor, window: list[torch.Tensor], timer: StepTimer,
+    def _log(self, monitor: TrainingMonitor, window: Mapping[str, list[torch.Tensor]], timer: StepTimer,
              out: Mapping[str, Any], nonfinite: int, loader: Any) -> None:
-        names = ("loss", "loss_frame1", "loss_frame2", "iou_frame1", "iou_frame2")
-        means = torch.stack(window).mean(0) if window else torch.full((len(names),), math.nan)
-        means = distributed.all_reduce_mean(means.to(self.device)).cpu()
-        figures = {name: float(v) for name, v in zip(names, means)}
+        means = {name: torch.stack(values).mean() if values else math.nan for name, values in window.items()}
+        figures = distributed.all_reduce_mean_named(means, self.device)  # one collective for all
         figures.update(timer.summary())
         figures["clips_per_s"] *= self.context.world_size
         figures["lr"] = self.scheduler.get_last_lr()[0]

@@ -260,3 +260,42 @@ def test_auto_device_is_cuda_when_available_else_cpu(monkeypatch):
     assert init_distributed("auto").device.type == expected
     assert init_distributed(None).device.type == expected
     assert init_distributed("cpu").device.type == "cpu"
+
+
+def _reduce_named_on_rank(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from stcn.distributed import all_reduce_mean_named
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    calls = []
+    reduce = dist.all_reduce
+    dist.all_reduce = lambda *args, **kwargs: calls.append(1) or reduce(*args, **kwargs)
+    try:
+        # each rank builds its dict in its own order: the names, not the positions, pair up
+        names = ["loss", "iou", "zeta"] if rank == 0 else ["zeta", "loss", "iou"]
+        values = {"loss": torch.tensor(1.0 + rank), "iou": torch.tensor(10.0 * rank), "zeta": 4.0 + 2 * rank}
+        results[rank] = (all_reduce_mean_named({n: values[n] for n in names}, torch.device("cpu")), len(calls))
+    finally:
+        dist.all_reduce = reduce
+        dist.destroy_process_group()
+
+
+def test_named_metrics_reduce_across_ranks_in_one_collective():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from stcn.distributed import all_reduce_mean_named
+
+    assert all_reduce_mean_named({"b": torch.tensor(2.0), "a": 3}, torch.device("cpu")) == {"b": 2.0, "a": 3.0}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_reduce_named_on_rank, args=(port, results), nprocs=2)
+    expected = {"loss": 1.5, "iou": 5.0, "zeta": 5.0}
+    for rank in (0, 1):
+        figures, collectives = results[rank]
+        assert figures == expected and collectives == 1
+    assert list(results[1][0]) == ["zeta", "loss", "iou"]  # each rank keeps its own order
