@@ -3,7 +3,8 @@
 - `moto_server()`: moto's ThreadedMotoServer (a real S3 API over HTTP; s3fs talks to it).
 - `FaultProxy`: an HTTP proxy in front of it that counts requests and, when told, fails
   every Nth matching one: 503 SlowDown, 500 InternalError, a reset connection, a
-  response body cut short mid-stream, or (permanent) 403 AccessDenied. It can also hold
+  response body cut short mid-stream, a reply later than the client's timeout ("slow"),
+  or (permanent) 403 AccessDenied. It can also hold
   matching requests until released (to kill a writer mid-upload, or keep one running).
 - `range_http_server(dir)`: a plain read-only HTTP server with Range support (what a
   public bucket's web endpoint looks like).
@@ -88,6 +89,7 @@ class FaultProxy:
         self.log: list[tuple[str, str, str]] = []
         self.every, self.kinds, self.match = 0, self.KINDS, None
         self.hang = None  # (match(method, path), threading.Event): those requests wait on it
+        self.slow_s = 3.0  # how late a "slow" fault answers
         self._lock = threading.Lock()
         self._count = 0
         self._kind = itertools.cycle(self.KINDS)
@@ -133,6 +135,8 @@ class FaultProxy:
                 if fault == "reset":
                     self._reset()
                     return
+                if fault == "slow":  # answer only after the client's read timeout
+                    time.sleep(proxy.slow_s)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("connection", "keep-alive")}
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
@@ -169,6 +173,8 @@ class FaultProxy:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        # a client that gave up (timeout) or a reset we made: nothing to report
+        self.server.handle_error = lambda request, address: None
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()

@@ -388,3 +388,15 @@ def test_concurrent_readers_of_a_cold_cache_download_once(sets, proxy, tmp_path)
     assert proxy.requests("GET", info.name) - before == 1
     assert sorted(hit for hit, _ in got) == [False, True, True, True]
     assert len({data for _, data in got}) == 1 and len(got[0][1]) == info.bytes
+
+
+def test_a_timeout_is_retried(sets, proxy):
+    _, remote = sets
+    info = shards.read_manifest(remote).shards[0]
+    with storage_configured(proxy.url, config_kwargs={"read_timeout": 1}):
+        proxy.inject(2, kinds=("slow",), match=lambda method, path: method == "GET" and info.name in path)
+        proxy._count = 1  # so the very next GET of the shard answers after 3 s: it times out
+        before = storage.retry_count()
+        data = storage.read_verified(f"{remote}/{info.name}", info.bytes, info.sha256)
+    assert len(data) == info.bytes and storage.retry_count() > before
+    assert any(kind == "fault-slow" for *_, kind in proxy.log)
