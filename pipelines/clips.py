@@ -19,8 +19,7 @@ import numpy as np
 
 from pipelines.augment import StaticAugment, VideoAugment, augment_static, augment_video
 from pipelines.sampling import TripletSampler, eligible_objects
-from pipelines.sources import (FrameStore, StaticItem, StaticSource, Video, decode_ids,
-                               decode_image)
+from pipelines.sources import FrameStore, StaticItem, StaticSource, Video, decode_ids, decode_image
 from pipelines.sources.base import decode_gray_mask
 
 #: Frame triplets tried per clip before settling for one with no eligible object (published: 5).

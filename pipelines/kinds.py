@@ -20,11 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.augment import (BL30K_AUGMENT, ONLINE_STATIC, ONLINE_VIDEO, STATIC_AUGMENT,
-                               VIDEO_AUGMENT)
+from pipelines.augment import (
+    BL30K_AUGMENT,
+    ONLINE_STATIC,
+    ONLINE_VIDEO,
+    STATIC_AUGMENT,
+    VIDEO_AUGMENT,
+)
 from pipelines.clips import make_static_clip, make_video_clip
-from pipelines.sources import (archive_name, list_archives, open_bl30k_tree, open_davis,
-                               open_static, open_youtube)
+from pipelines.sources import (
+    archive_name,
+    list_archives,
+    open_bl30k_tree,
+    open_davis,
+    open_static,
+    open_youtube,
+)
 
 
 @dataclass(frozen=True)

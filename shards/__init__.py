@@ -69,8 +69,15 @@ Errors: ManifestError, ShardError (whole shard), SampleDecodeError (one sample),
 BadDataError (too many bad samples: the loader stops).
 """
 from .codec import SampleDecodeError, decode_sample, encode_sample
-from .manifest import (FORMAT_VERSION, Manifest, ManifestError, ShardInfo, merge_manifests,
-                       read_manifest, write_manifest)
+from .manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    merge_manifests,
+    read_manifest,
+    write_manifest,
+)
 from .reader import ShardError, iter_samples, iter_shard
 from .writer import ShardWriter, write_encoded_shard, write_shard
 

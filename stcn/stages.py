@@ -24,7 +24,6 @@ from typing import Any, Mapping
 
 import yaml
 
-
 #: How the absolute milestones (lr steps, bootstrap ramp) follow another --iterations.
 SCHEDULE_SCALINGS = ("proportional", "absolute")
 DEFAULT_SCHEDULE_SCALING = "proportional"

@@ -12,9 +12,20 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipelines.fidelity import (Estimate, Scenario, agrees, clip_record, fill_share,
-                                gap_histogram, prepare_data, report, run_fidelity, summarize,
-                                summary_lines, tolerance)
+from pipelines.fidelity import (
+    Estimate,
+    Scenario,
+    agrees,
+    clip_record,
+    fill_share,
+    gap_histogram,
+    prepare_data,
+    report,
+    run_fidelity,
+    summarize,
+    summary_lines,
+    tolerance,
+)
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 TINY = (72, 128)  # (H, W) of the tiny synthetic sets
@@ -164,6 +175,7 @@ def test_codec_bench_orders_the_settings(tmp_path):
 
 def test_shard_frames_are_jpeg_444_by_default():
     import simplejpeg
+
     from shards.codec import FRAMES, encode_sample
     rng = np.random.default_rng(0)
     sample = {"__key__": "k", "frames": rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8),

@@ -17,8 +17,7 @@ import torch
 from stcn import memory_ops, resnet
 from stcn.aggregate import aggregate, aggregate_logits
 from stcn.network import STCN
-from stcn.weights import (CheckpointError, init_from_imagenet, load_stcn_weights,
-                          save_stcn_weights)
+from stcn.weights import CheckpointError, init_from_imagenet, load_stcn_weights, save_stcn_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"

@@ -4,8 +4,13 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.augment import (BL30K_AUGMENT, STATIC_AUGMENT, VIDEO_AUGMENT, augment_static,
-                               augment_video)
+from pipelines.augment import (
+    BL30K_AUGMENT,
+    STATIC_AUGMENT,
+    VIDEO_AUGMENT,
+    augment_static,
+    augment_video,
+)
 from pipelines.augment.geometry import centred_affine, random_crop, shorter_side_size
 from pipelines.augment.recipes import static_steps
 from pipelines.augment.tps import eval_tps, fit_tps, random_tps_points, tps_displacement

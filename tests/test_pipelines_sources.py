@@ -6,8 +6,16 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipelines.sources import (LayoutError, decode_ids, iter_archive_videos, list_archives,
-                               open_bl30k_tree, open_davis, open_static, open_youtube)
+from pipelines.sources import (
+    LayoutError,
+    decode_ids,
+    iter_archive_videos,
+    list_archives,
+    open_bl30k_tree,
+    open_davis,
+    open_static,
+    open_youtube,
+)
 from pipelines.synthetic import make_synthetic
 
 SIZE = (64, 96)

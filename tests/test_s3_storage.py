@@ -17,12 +17,20 @@ import numpy as np
 import pytest
 
 import shards
-from s3_servers import (FaultProxy, make_bucket, moto_server, range_http_server, storage_configured,
-                        storage_env, wait_for)
 from shards import storage
 from shards.cache import ShardCache, parse_size
 from shards.sample_clips import make_clip
 from shards.verify import verify_shard_set
+
+from s3_servers import (
+    FaultProxy,
+    make_bucket,
+    moto_server,
+    range_http_server,
+    storage_configured,
+    storage_env,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS, PER_SHARD = 6, 4

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.synthetic import make_synthetic
-from pipelines.synthetic import layouts
+from pipelines.synthetic import layouts, make_synthetic
 from pipelines.synthetic.files import MARKER
 from pipelines.synthetic.palette import davis_palette
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 import shards
+
 from stcn.preflight import PreflightError, check_run
 from stcn.runrecord import rank_log
 from stcn.stages import load_stage

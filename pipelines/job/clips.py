@@ -4,10 +4,10 @@ one streamed video."""
 from __future__ import annotations
 
 import shards
-from pipelines.clips import clip_order
-from pipelines.sources import MemoryFrames
 
+from pipelines.clips import clip_order
 from pipelines.job.units import Plan
+from pipelines.sources import MemoryFrames
 
 
 def make_clip(plan: Plan, item, round_: int, store=None) -> dict:

@@ -19,10 +19,9 @@ import sys
 import shards
 from shards import storage
 
-from pipelines.sources import archive_name
-
 from pipelines.job.config import JobError
 from pipelines.job.units import Plan, unit_name
+from pipelines.sources import archive_name
 
 PARTS = "_parts"
 

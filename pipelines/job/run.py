@@ -15,14 +15,20 @@ import time
 import shards
 from shards.lease import Lease
 
-from pipelines.sources import archive_name, iter_archive_videos
-
 from pipelines.job.clips import listed_samples, video_clips
 from pipelines.job.config import JobConfig, JobError, Task, warn
 from pipelines.job.pool import Workers
-from pipelines.job.records import (archive_done, merge, remove_stale_temps, shard_done,
-                                   write_archive_record, write_shard_bytes, write_unit)
+from pipelines.job.records import (
+    archive_done,
+    merge,
+    remove_stale_temps,
+    shard_done,
+    write_archive_record,
+    write_shard_bytes,
+    write_unit,
+)
 from pipelines.job.units import Plan, listed_clips, make_plan, unit_name
+from pipelines.sources import archive_name, iter_archive_videos
 
 
 def run_job(job: JobConfig, workers: int = 1, task: Task | None = None,

@@ -13,9 +13,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from pipelines.clips import clip_order
-from pipelines.kinds import SourceKind, source_kind
-
 from pipelines.job.config import JobConfig, JobError, warn
+from pipelines.kinds import SourceKind, source_kind
 
 #: Bump when a change to the pipeline changes the clips a config produces.
 PIPELINE_VERSION = 2  # 2: the published triplet rule (gaps up to J + 1, end clamps), --subset,

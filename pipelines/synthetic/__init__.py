@@ -15,8 +15,15 @@ from typing import Callable
 from shards import console
 
 from pipelines.synthetic.files import MARKER, staged_output, write_json
-from pipelines.synthetic.layouts import (SyntheticSpec, held_out_count, static_units,
-                                         write_bl30k, write_davis, write_static, write_youtube)
+from pipelines.synthetic.layouts import (
+    SyntheticSpec,
+    held_out_count,
+    static_units,
+    write_bl30k,
+    write_davis,
+    write_static,
+    write_youtube,
+)
 
 KINDS = ("davis", "youtube", "bl30k", "static")
 # Rendered frames per video when not given. YouTubeVOS keeps every 5th, so 50 -> 10.

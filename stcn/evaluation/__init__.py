@@ -8,9 +8,17 @@ trainer and the demo use for held-out J&F.
 """
 
 from stcn.evaluation.datasets import EvalSet, VideoSpec, davis, generic, load_video, youtube
-from stcn.evaluation.driver import (build_network, copy_first_frame_baseline, evaluate_davis,
-                                   format_scores, format_summary, network_sha256, resolve_device,
-                                   run_evaluation, write_results)
+from stcn.evaluation.driver import (
+                                   build_network,
+                                   copy_first_frame_baseline,
+                                   evaluate_davis,
+                                   format_scores,
+                                   format_summary,
+                                   network_sha256,
+                                   resolve_device,
+                                   run_evaluation,
+                                   write_results,
+)
 from stcn.evaluation.files import DatasetError, davis_palette, write_json_atomic
 from stcn.evaluation.scoring import score_predictions
 

@@ -31,8 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stcn.evaluation.files import (DatasetError, list_images, normalise_frames, read_frame,
-                                   read_mask, resize_frames, resize_labels, short_side_size)
+from stcn.evaluation.files import (
+    DatasetError,
+    list_images,
+    normalise_frames,
+    read_frame,
+    read_mask,
+    resize_frames,
+    resize_labels,
+    short_side_size,
+)
 from stcn.inference import Annotation
 
 log = logging.getLogger(__name__)

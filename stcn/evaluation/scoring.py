@@ -28,8 +28,8 @@ from PIL import Image
 from vos_benchmark.evaluator import Evaluator
 
 from shards import console
-from stcn.evaluation.files import DatasetError
 
+from stcn.evaluation.files import DatasetError
 
 LEFT_OUT_RULE = "frames where the object is absent in both the ground truth and the prediction"
 
