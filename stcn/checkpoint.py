@@ -19,6 +19,7 @@ directory that holds checkpoints moves them into `superseded-<time>/`.
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import time
@@ -229,7 +230,7 @@ def _why_unreadable(error: Exception, head: bytes = b"PK") -> str:
                 "project")
     if not head:
         return "empty (0 bytes); was a save interrupted by something that bypassed the atomic write?"
-    if "Unsupported operand" in text or isinstance(error, __import__("pickle").UnpicklingError) \
+    if "Unsupported operand" in text or isinstance(error, pickle.UnpicklingError) \
             or not head.startswith(b"PK"):
         return ("not a PyTorch checkpoint (a foreign or damaged pickle), refused without "
                 "running it")
