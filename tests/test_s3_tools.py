@@ -91,7 +91,8 @@ def test_make_shards_to_s3_over_faults_equals_local_and_verifies(proxy, raw, tmp
     assert puts[-1] == "/bkt/made/manifest.json" and len(puts) > 3
     proxy.inject(0)
     code, out, err = finish(tool("verify_shards", "s3://bkt/made", "--no-decode",
-                                 env=storage_env(proxy.url)))
+                                 "--storage-options", json.dumps({"endpoint_url": proxy.url}),
+                                 env=CREDENTIALS))
     assert code == 0 and "3 shards, 12 samples, 0 problems" in out, out + err
 
 
