@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from shards.storage import temp_target
+
 from stcn.weights import atomic_torch_save
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")

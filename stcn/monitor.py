@@ -14,6 +14,7 @@ from typing import Mapping
 import torch
 
 from shards import console
+
 from stcn.online_augment import IMAGENET_MEAN, IMAGENET_STD
 
 # One colour per object id for prediction/ground-truth overlays (background stays black).

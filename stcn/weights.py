@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from shards.storage import write_bytes_atomic
+
 from stcn.network import STCN
 
 StateDict = Dict[str, torch.Tensor]

@@ -130,8 +130,7 @@ def test_crafted_checkpoint_as_resume_path_names_the_file(tmp_path):
 
 def test_crafted_weights_for_load_network_and_eval_model_never_run(tmp_path, capsys):
     from stcn.network import STCN
-    from stcn.weights import CheckpointError as WeightsError
-    from stcn.weights import load_stcn_weights
+    from stcn.weights import CheckpointError as WeightsError, load_stcn_weights
 
     marker = tmp_path / "payload-ran"
     path = tmp_path / "weights.pth"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import shards
+
 from pipelines.driver import JobConfig, JobError, Task, merge, run_job
 from pipelines.synthetic import make_synthetic
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import shards
+
 from pipelines.augment import ONLINE_VIDEO, VIDEO_AUGMENT
 from pipelines.driver import JobConfig, JobError, Task, run_job
 from pipelines.kinds import KINDS, SourceKind, describe_videos, register_kind, video_clip

@@ -3,7 +3,6 @@ make_shards to s3:// (over faults, and two writers on one prefix), verify_shards
 training that streams from s3:// through the node cache, with a resume, giving the very
 losses of a local run; credentials stay out of every output and file."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -15,10 +14,19 @@ import numpy as np
 import pytest
 
 import shards
-from s3_servers import (CREDENTIALS, FAST_RETRIES, FaultProxy, make_bucket, moto_server,
-                        storage_configured, storage_env, wait_for)
 from shards import storage
 from shards.sample_clips import make_clip
+
+from s3_servers import (
+    CREDENTIALS,
+    FAST_RETRIES,
+    FaultProxy,
+    make_bucket,
+    moto_server,
+    storage_configured,
+    storage_env,
+    wait_for,
+)
 from stcn.stages import load_stage
 from stcn.trainer import TrainOptions, train
 

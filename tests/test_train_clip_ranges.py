@@ -8,6 +8,7 @@ import pytest
 
 import shards
 from shards.sample_clips import make_clip
+
 from stcn.clip_ranges import NotEnoughClipsError, check_phase_clips, phase_clips, set_range
 from stcn.stages import load_stage
 

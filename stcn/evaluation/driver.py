@@ -39,6 +39,7 @@ import torch
 
 from shards import console
 from shards.storage import write_bytes_atomic
+
 from stcn.evaluation import datasets
 from stcn.evaluation.datasets import EvalSet, VideoSpec
 from stcn.evaluation.files import DatasetError, read_mask, write_json_atomic, write_mask

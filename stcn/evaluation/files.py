@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from shards.storage import write_bytes_atomic
+
 from stcn.online_augment import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
