@@ -18,12 +18,11 @@ import dataclasses
 import json
 import math
 import os
-import random
-import time
 import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,8 @@ import numpy as np
 import torch
 
 from stcn import clip_ranges, distributed
-from stcn.clip_ranges import PhaseClips
 from stcn.checkpoint import CheckpointManager, capture_rng_states, restore_rng_states, unwrap_model
+from stcn.clip_ranges import PhaseClips
 from stcn.inference import AMP_DTYPES
 from stcn.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
 from stcn.monitor import StepTimer, TrainingMonitor, gpu_memory_gib
@@ -42,6 +41,7 @@ from stcn.network import STCN
 from stcn.online_augment import CROP_MODES, OnlineAugmentation, prepare_batch
 from stcn.preflight import RunPlan, check_run
 from stcn.runrecord import rank_log, resolved_config, write_config, write_summary
+from stcn.seeding import loader_seed, rank_streams, seed_globals
 from stcn.stages import StageConfig, describe_schedule
 from stcn.weights import init_from_imagenet, load_stcn_weights, save_stcn_weights
 
@@ -146,7 +146,7 @@ def open_loader(sets: Mapping[str, float] | Iterable[clip_ranges.SetRange], stag
         batch_size=stage.batch_size,
         rank=context.rank,
         world_size=context.world_size,
-        seed=options.seed * 1000 + stage.stage * 100 + phase,
+        seed=loader_seed(options.seed, stage.stage, phase),
         num_workers=options.workers,
         pin_memory=context.device.type == "cuda",
         prefetch=options.prefetch, cache_dir=options.cache_dir, cache_limit=options.cache_limit,
@@ -350,7 +350,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self._seed_everything(options.seed)
+        self._start_streams()
 
         self.net = build_network(stage, options, self.device)
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -374,8 +374,6 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, options.keep_last, options.snapshot_every)
         self.iteration = 0
         self.loader_state: dict[str, Any] | None = None  # {"phase": i, "state": loader state}
-        self.sample_rng = np.random.default_rng([options.seed, self.context.rank, stage.stage])
-        self.augment_rng = torch.Generator().manual_seed(options.seed * 7919 + self.context.rank)
         self.losses: list[float] = []
         self.recent_nonfinite: collections.deque[int] = collections.deque(maxlen=NONFINITE_WINDOW)
         self.bad_samples_before = 0  # loader bad samples of the phases finished before this one
@@ -385,11 +383,12 @@ class Trainer:
         self.empty_warned = False
 
     # ---------------------------------------------------------------- state
-    def _seed_everything(self, seed: int) -> None:
-        rank_seed = seed + 1_000_003 * self.context.rank
-        random.seed(rank_seed)
-        np.random.seed(rank_seed % 2**32)
-        torch.manual_seed(rank_seed)
+    def _start_streams(self, resumed_at: int | None = None) -> None:
+        """Seed this rank's random streams (stcn.seeding): fresh, or for an elastic resume."""
+        streams = rank_streams(self.options.seed, self.stage.stage, self.context.rank,
+                               resumed_at, self.context.world_size)
+        seed_globals(streams.global_seed)
+        self.sample_rng, self.augment_rng = streams.sample_rng, streams.augment_rng
 
     def _rank_state(self, loader: Any, phase: int) -> dict[str, Any]:
         return {
@@ -450,12 +449,10 @@ class Trainer:
             self.loader_state = own["loader"]
         else:
             # Elastic resume: the loader re-splits the remaining epoch; random streams restart
-            # from a seed that depends on the iteration, so no stream repeats.
+            # keyed by the iteration and world size, so no stream repeats.
             warnings.warn(f"resuming a {len(ranks)}-process checkpoint with {self.context.world_size} "
                           "processes: data position is kept, random streams are reseeded")
-            self._seed_everything(self.options.seed + self.iteration)
-            self.sample_rng = np.random.default_rng([self.options.seed, self.context.rank, self.iteration])
-            self.augment_rng.manual_seed(self.options.seed * 7919 + self.context.rank + self.iteration)
+            self._start_streams(resumed_at=self.iteration)
             # The loader's position (epoch plan and batches delivered) is the same on every rank.
             self.loader_state = ranks[0]["loader"]
 

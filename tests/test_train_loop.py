@@ -257,3 +257,24 @@ def test_local_chain_runs_stage0_then_stage3_from_its_weights(tmp_path, shard_ro
     assert (s0[name] - s3[name][:, :4]).abs().max() < 1e-3
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stderr.count("already done") == 2
+
+
+def test_mostly_empty_clips_warn_with_their_share(tmp_path):
+    """3 of 4 clips without any object: training warns with the share, summary.json records it."""
+    rng = np.random.default_rng(0)
+    samples = [make_clip(rng, f"e{i:03d}-0", size=SIZE, n_objects=1 if i % 4 == 0 else 0) for i in range(16)]
+    url = str(tmp_path / "mostly_empty")
+    shards.write_manifest(url, shards.Manifest(shards=[shards.write_shard(f"{url}/shard-000000.tar", samples)],
+                                               config={"kind": "synthetic", "source": "davis", "max_skip": 5}))
+    stage = load_stage(3, {"iterations": 8, "batch_size": 2, "lr": 1e-4,
+                           "phases": [{"start": 0.0, "max_skip": 5, "sets": {url: 1.0}}]})
+    with pytest.warns(UserWarning, match=r"75% of the clips stage 3 streamed so far \(12 of 16\) have no target"):
+        train(stage, options(tmp_path / "run", None, log_every=4, image_every=0))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["clips_seen"] == 16 and summary["clips_without_target_share"] == 0.75
+
+
+def test_clips_with_targets_do_not_warn(tmp_path, shard_root, recwarn):
+    train(two_phase_stage(3, iterations=4), options(tmp_path / "run", shard_root, log_every=4, image_every=0))
+    assert not [w for w in recwarn if "no target object" in str(w.message)]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["clips_without_target_share"] == 0.0
