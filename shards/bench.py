@@ -86,7 +86,8 @@ def run_benchmark(url_dir: str, batch_size: int = 32, workers: int = 2,
     if len(raw) < batch_size:
         raise ValueError(f"{url_dir}: {len(raw)} readable samples, fewer than one batch of "
                          f"{batch_size}; lower --batch-size")
-    results = {"samples": len(raw), "bad_samples": bad, "batch_size": batch_size, "jpeg_decoder": JPEG_DECODER,
+    results = {"samples": len(raw), "bad_samples": bad, "batch_size": batch_size,
+               "jpeg_decoder": JPEG_DECODER,
                "clip_shape": list(decode_sample(raw[0])["frames"].shape), "verify": verify,
                "repeats": repeats, "floor": 0.0, "tar_1_process": 0.0}
     for _ in range(repeats):
@@ -143,8 +144,8 @@ def run_remote_benchmark(url_dir: str, batch_size: int = 32, workers: int = 2,
             # interleaved, in alternating order: every figure sees the same machine load
             cache = {"cache_dir": os.path.join(work, f"cache{i}"), "cache_limit": 2 * total + 1}
             runs = [("local", lambda: rate(local)), ("remote_prefetch", lambda: rate(url_dir)),
-                    ("remote_cold_cache", lambda: rate(url_dir, **cache)),
-                    ("remote_warm_cache", lambda: rate(url_dir, **cache))]
+                    ("remote_cold_cache", lambda cache=cache: rate(url_dir, **cache)),
+                    ("remote_warm_cache", lambda cache=cache: rate(url_dir, **cache))]
             for name, run in (runs if i % 2 == 0 else runs[2:] + runs[:2]):
                 best[name] = max(best[name], run())
             shutil.rmtree(cache["cache_dir"])

@@ -91,7 +91,7 @@ def run_main(click_main, *args, **kwargs):
     the module docstring."""
     kwargs["standalone_mode"] = False
     try:
-        result = click_main(*args, **kwargs)
+        click_main(*args, **kwargs)
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
     except click.Abort:  # click's name for KeyboardInterrupt / EOF at a prompt

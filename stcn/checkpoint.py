@@ -161,7 +161,8 @@ class CheckpointManager:
             aside = path.with_name(f"{path.name}.{number}{UNREADABLE_SUFFIX}")
             number += 1
         path.rename(aside)
-        warnings.warn(f"skipping unreadable checkpoint {path} ({why}); moved it aside to {aside.name}")
+        warnings.warn(f"skipping unreadable checkpoint {path} ({why}); moved it aside to {aside.name}",
+                      stacklevel=2)
         return aside
 
     def supersede(self) -> Path | None:

@@ -105,7 +105,7 @@ def test_ours_side_end_to_end(tiny_roots):
     text = "\n".join(lines)
     assert "### davis max skip 5 (0 published clips, 8 ours)" in text and "### static" in text
     assert "| repeat rate (a frame twice) | - |" in text and "gap histogram" in text
-    row = next(l for l in lines if l.startswith("| davis max skip 5 (8) |"))
+    row = next(line for line in lines if line.startswith("| davis max skip 5 (8) |"))
     assert row.count(" / ") == 8 and row.endswith("| (no published side) |")
 
 
@@ -114,13 +114,15 @@ def test_report_flags_a_difference():
     pub = [clip_record([0, 1, 1] if i % 3 == 0 else [0, 1, 2], white, None, False)
            for i in range(300)]
     ours = [clip_record([0, 1, 2], white, None, False) for _ in range(300)]
-    row = next(l for l in report(Scenario("youtube", 5), pub, ours) if l.startswith("| repeat"))
-    assert row.split("|")[2:6] == [" 33.33% ", " 0.00% ", " -33.33 pt ", " 9.13 pt "]  # 3 x sqrt(1/6 * 5/6 * 2/300)
+    row = next(line for line in report(Scenario("youtube", 5), pub, ours)
+               if line.startswith("| repeat"))
+    # the tolerance: 3 x sqrt(1/6 * 5/6 * 2/300)
+    assert row.split("|")[2:6] == [" 33.33% ", " 0.00% ", " -33.33 pt ", " 9.13 pt "]
     assert row.endswith("**NO** |")
-    hist = next(l for l in report(Scenario("youtube", 5), pub, ours) if "0: " in l)
+    hist = next(line for line in report(Scenario("youtube", 5), pub, ours) if "0: " in line)
     assert "0: 16.67% / 0.00% NO" in hist and "1: 83.33% / 100.00% NO" in hist
-    (summary,) = [l for l in summary_lines({"youtube max skip 5": {"published": pub, "ours": ours}},
-                                           [Scenario("youtube", 5)]) if l.startswith("| youtube")]
+    (summary,) = [line for line in summary_lines({"youtube max skip 5": {"published": pub, "ours": ours}},
+                                           [Scenario("youtube", 5)]) if line.startswith("| youtube")]
     assert "33.33 / 0.00% (!)" in summary and summary.endswith("| differs at gap 0, 1 |")
 
 

@@ -134,7 +134,8 @@ def _run_archives(plan: Plan, units: list[int], pool: Workers, progress: bool):
         remove_stale_temps(job.out, cutter.mine)
         in_flight: collections.deque = collections.deque()
 
-        def take_oldest():
+        # bound as defaults: this unit's queue and cutter, not whatever the loop holds later
+        def take_oldest(in_flight=in_flight, cutter=cutter):
             result, indices = in_flight.popleft()
             for index, encoded in zip(indices, result.get()):
                 cutter.add(index, encoded)
