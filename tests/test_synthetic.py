@@ -385,3 +385,20 @@ def test_cli_writes_a_set_and_rejects_bad_options(tmp_path):
     bad = subprocess.run(tool + ["davis", str(tmp_path / "d"), "--size", "64by112"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "HxW" in bad.stderr
+
+
+def test_speed_scales_motion_and_default_sets_do_not_record_it(tmp_path):
+    """--speed below 1: the same scenes with objects drifting less from their first-frame masks."""
+    def drift(root):
+        ann = sorted((Path(root) / "2017/trainval/Annotations/480p").glob("train-*"))[0]
+        first = np.array(Image.open(ann / "00000.png")) > 0
+        last = np.array(Image.open(ann / "00009.png")) > 0
+        return (first & last).sum() / (first | last).sum()  # IoU of all objects, frame 0 vs 9
+
+    normal = make_synthetic("davis", tmp_path / "normal", videos=1, frames=10, size=(64, 96))
+    slow = make_synthetic("davis", tmp_path / "slow", videos=1, frames=10, size=(64, 96), speed=0.2)
+    assert drift(slow) > drift(normal)
+    assert "speed" not in json.loads((normal / MARKER).read_text())
+    assert json.loads((slow / MARKER).read_text())["speed"] == 0.2
+    with pytest.raises(ValueError, match="speed must be positive"):
+        make_synthetic("davis", tmp_path / "bad", videos=1, speed=0)
