@@ -120,7 +120,8 @@ def _legend(info: dict, width: int) -> np.ndarray:
     """Colour swatches with "object N" labels, wrapped over as many lines as needed;
     objects present but not chosen for the clip are marked "(not used)"."""
     used = info["objects_used"]
-    entries = [(object_id, f"object {object_id}" + ("" if used is None or object_id in used else " (not used)"))
+    entries = [(object_id, f"object {object_id}"
+                + ("" if used is None or object_id in used else " (not used)"))
                for object_id in info["objects_present"]]
     placed, x, line = [], MARGIN, 0
     for object_id, label in entries:

@@ -69,7 +69,8 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     elif world_size > 1 and not launched:
-        raise RuntimeError(f"WORLD_SIZE={world_size} but no MASTER_ADDR: launch multi-process runs with torchrun")
+        raise RuntimeError(f"WORLD_SIZE={world_size} but no MASTER_ADDR: "
+                           "launch multi-process runs with torchrun")
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
 
@@ -92,7 +93,8 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def all_reduce_mean_named(values: Mapping[str, torch.Tensor | float], device: torch.device) -> dict[str, float]:
+def all_reduce_mean_named(values: Mapping[str, torch.Tensor | float],
+                          device: torch.device) -> dict[str, float]:
     """Mean over all ranks of named scalars, in one collective.
 
     The scalars travel as one tensor stacked in sorted-name order, the same on every rank
@@ -114,5 +116,5 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return flag
 
 
-__all__ = ["DistributedContext", "init_distributed", "cleanup", "barrier", "all_reduce_mean", "all_reduce_mean_named",
-           "any_rank"]
+__all__ = ["DistributedContext", "init_distributed", "cleanup", "barrier", "all_reduce_mean",
+           "all_reduce_mean_named", "any_rank"]

@@ -136,10 +136,12 @@ class STCN(nn.Module):
         """
         if self.single_object:
             if mv16.dim() != 5:
-                raise ValueError(f"single-object memory values must be (B, 512, T, h, w), got {tuple(mv16.shape)}")
+                raise ValueError("single-object memory values must be (B, 512, T, h, w), "
+                                 f"got {tuple(mv16.shape)}")
             mv16 = mv16.unsqueeze(1)
         elif mv16.dim() != 6:
-            raise ValueError(f"multi-object memory values must be (B, K, 512, T, h, w), got {tuple(mv16.shape)}")
+            raise ValueError("multi-object memory values must be (B, K, 512, T, h, w), "
+                             f"got {tuple(mv16.shape)}")
         b, k = mv16.shape[:2]
         h, w = qk16.shape[-2:]
 

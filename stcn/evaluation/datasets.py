@@ -181,8 +181,9 @@ def youtube(root: Path | str, year: int = 2018, split: str = "valid", output_all
         frames = tuple(list_images(folder))
         annotations = _annotations_like_frames(frames, split_dir / "Annotations" / folder.name)
         if not annotations:
-            raise DatasetError(f"{split_dir / 'Annotations' / folder.name}: no first-frame mask for video "
-                               f"{folder.name} (expected PNGs named like its frames, e.g. {frames[0].stem}.png)")
+            raise DatasetError(f"{split_dir / 'Annotations' / folder.name}: no first-frame mask for "
+                               f"video {folder.name} (expected PNGs named like its frames, "
+                               f"e.g. {frames[0].stem}.png)")
         output_frames = None
         if meta is not None:
             if folder.name not in meta:

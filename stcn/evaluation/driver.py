@@ -135,7 +135,8 @@ def per_video_rows(scores: dict | None = None, timing: dict | None = None) -> li
         if score and score["J"] is not None:
             row.update({k: round(score[k], 3) for k in ("J&F", "J", "F")})
             row.update({f"{k}_without_empty": round(score["without_empty"][k], 3) for k in ("J&F", "J", "F")})
-            row.update(objects=len(score["objects"]), left_out_object_frames=score["left_out"]["object_frames"],
+            row.update(objects=len(score["objects"]),
+                       left_out_object_frames=score["left_out"]["object_frames"],
                        scored_object_frames=score["left_out"]["of"])
         rows.append(row)
     return rows
@@ -205,7 +206,8 @@ def _differences(previous: dict, settings: dict) -> list[str]:
         if before == now:
             continue
         if isinstance(before, dict) and isinstance(now, dict):
-            changed = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+            changed = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}"
+                                for k in sorted(set(before) | set(now))
                                 if before.get(k) != now.get(k))
             differences.append(f"{what}: {changed}")
         elif key == "network_sha256":

@@ -45,7 +45,8 @@ def list_images(folder: Path) -> list[Path]:
         raise DatasetError(f"{folder}: video folder not found")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise DatasetError(f"{folder}: empty video folder, expected frame images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DatasetError(f"{folder}: empty video folder, "
+                           f"expected frame images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 

@@ -102,18 +102,21 @@ def score_predictions(gt_dir: Path | str, pred_dir: Path | str, videos: Iterable
     Returns {"J&F", "J", "F", "without_empty": {"J&F", "J", "F"},
              "left_out": {"object_frames", "of", "rule"}, "videos", "objects",
              "skip_first_and_last", "per_video": {video: {"J&F", "J", "F", "without_empty",
-             "left_out": {"object_frames", "of"}, "objects": {id: {"J", "F", "J_without_empty", "F_without_empty",
+             "left_out": {"object_frames", "of"},
+             "objects": {id: {"J", "F", "J_without_empty", "F_without_empty",
              "frames", "empty_frames"}}}}}; figures in percent.
     """
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     for folder, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
         if not folder.is_dir():
-            raise DatasetError(f"{folder}: {what} folder not found (expected one sub-folder of PNGs per video)")
+            raise DatasetError(f"{folder}: {what} folder not found "
+                               "(expected one sub-folder of PNGs per video)")
     if videos is None:
         predicted = {p.name for p in pred_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
         videos = sorted(v for v in predicted if (gt_dir / v).is_dir())
         if not videos:
-            raise DatasetError(f"{pred_dir}: no predicted video folder matches a ground-truth folder in {gt_dir}")
+            raise DatasetError(f"{pred_dir}: no predicted video folder matches a ground-truth "
+                               f"folder in {gt_dir}")
     videos = sorted(videos)
     _check_predictions(gt_dir, pred_dir, videos, skip_first_and_last)
 
