@@ -188,8 +188,15 @@ def _s3_session():
 
 def _secrets() -> list[str]:
     values = [os.environ.get(name) for name in _SECRET_ENV]
-    for options in _options().values():
-        values += [str(v) for k, v in options.items() if k.lower() in _SECRET_KEYS]
+
+    def collect(options: dict) -> None:  # nested too: client_kwargs may carry keys
+        for k, v in options.items():
+            if isinstance(v, dict):
+                collect(v)
+            elif k.lower() in _SECRET_KEYS:
+                values.append(str(v))
+
+    collect(_options())
     return [v for v in values if v and len(v) >= 8]  # shorter ones would mask common words
 
 
