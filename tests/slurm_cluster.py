@@ -120,7 +120,8 @@ class SlurmCluster:
             "SchedulerParameters": "batch_sched_delay=0,sched_interval=1,bf_interval=1,sched_min_interval=0",
             "KillWait": 30,
             "MinJobAge": 600,
-            "NodeName": f"localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={_memory_mb()} State=UNKNOWN",
+            "NodeName": f"localhost NodeAddr=127.0.0.1 CPUs={self.cpus} "
+                        f"RealMemory={_memory_mb()} State=UNKNOWN",
             "PartitionName": "debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
         }
         self.conf.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))

@@ -143,7 +143,8 @@ def test_late_objects_follow_their_annotation(data, youtube_runs):
 
 def test_score_youtube_against_ground_truth(eval_cli, data, youtube_runs, tmp_path):
     result = run(eval_cli, "score", "--gt", data / "youtube/valid_ground_truth/Annotations",
-                 "--pred", youtube_runs / "all/Annotations", "--keep-first-last", "--json-out", tmp_path / "s.json")
+                 "--pred", youtube_runs / "all/Annotations", "--keep-first-last",
+                 "--json-out", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     assert "--json-out is deprecated" in result.output and "use --out" in result.output
     scores = json.loads((tmp_path / "s.json").read_text())
@@ -157,7 +158,8 @@ def test_generic_folder(eval_cli, data, tmp_path):
     shutil.copytree(src / "JPEGImages/480p" / video, tmp_path / "in/JPEGImages/clip")
     (tmp_path / "in/Annotations/clip").mkdir(parents=True)
     shutil.copy(src / "Annotations/480p" / video / "00000.png", tmp_path / "in/Annotations/clip")
-    result = run(eval_cli, "generic", "--root", tmp_path / "in", "--out", tmp_path / "out", "--resolution", "0")
+    result = run(eval_cli, "generic", "--root", tmp_path / "in", "--out", tmp_path / "out",
+                 "--resolution", "0")
     assert result.exit_code == 0, result.output
     assert pngs(tmp_path / "out/clip") == ["00000.png", "00001.png", "00002.png", "00003.png"]
 

@@ -475,7 +475,8 @@ def test_divergence_never_replaces_the_last_good_checkpoint(train_set, tmp_path,
 
     monkeypatch.setattr(trainer_module, "bootstrapped_cross_entropy", poisoned)
     stage = resolve_stage(3, str(train_set / "one.yaml"), iterations=20, batch_size=1)
-    result = train(stage, TrainOptions(run_dir=str(tmp_path / "run"), shard_sets={str(train_set / "set"): 1.0},
+    result = train(stage, TrainOptions(run_dir=str(tmp_path / "run"),
+                                       shard_sets={str(train_set / "set"): 1.0},
                                        device="cpu", workers=0, crop=SIZE, checkpoint_every=2, keep_last=1,
                                        max_nonfinite=3, allow_repeats=True, seed=3, log_every=1))
     assert result.status == "diverged" and result.weights_path is None
@@ -548,7 +549,8 @@ def test_second_job_on_a_set_refuses_and_a_killed_holder_is_taken_over(davis, tm
         second = tool("make_shards", *make_shards_args(davis, out, clips=400))
         assert second.returncode == 1
         lines = error_lines(second.stderr)
-        assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "being written by" in lines[0], second.stderr
+        assert len(lines) == 1, second.stderr
+        assert f"pid {first.pid}" in lines[0] and "being written by" in lines[0], second.stderr
         os.killpg(first.pid, signal.SIGKILL)  # kill -9, pool workers included
         first.wait()
     finally:
@@ -659,7 +661,8 @@ def test_disk_full_names_the_path_and_a_rerun_after_freeing_space_completes(davi
     full = tool("make_shards", *make_shards_args(davis, out, clips=40))
     assert full.returncode == 1
     lines = error_lines(full.stderr)
-    assert len(lines) == 1 and str(out) in lines[0] and "No space left on device; free space" in lines[0], full.stderr
+    assert len(lines) == 1, full.stderr
+    assert str(out) in lines[0] and "No space left on device; free space" in lines[0], full.stderr
     assert "Traceback" not in full.stderr
     subprocess.run(["mount", "-o", "remount,size=64m", str(tiny_tmpfs)], check=True)
     rerun = tool("make_shards", *make_shards_args(davis, out, clips=40))

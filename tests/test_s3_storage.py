@@ -77,7 +77,8 @@ def batches(url, **kw):
 
 
 def same(a, b) -> bool:
-    return [k for k, _ in a] == [k for k, _ in b] and all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
+    return ([k for k, _ in a] == [k for k, _ in b]
+            and all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b)))
 
 
 def test_remote_set_streams_the_same_batches_as_local(sets, proxy):

@@ -68,7 +68,8 @@ def data(tmp_path_factory):
                        check=True, capture_output=True, cwd=REPO)
     local = root / "local"
     subprocess.run([sys.executable, str(REPO / "tools" / "make_shards"), "davis", str(root / "davis"),
-                    "--out", str(local), *SHARD_ARGS, "--workers", "1", "--task-index", "0", "--num-tasks", "1"],
+                    "--out", str(local), *SHARD_ARGS,
+                    "--workers", "1", "--task-index", "0", "--num-tasks", "1"],
                    check=True, capture_output=True, cwd=REPO, env={**os.environ, **ENV})
     return root
 
@@ -174,7 +175,8 @@ def test_slurm_train_requeues_on_warning_signal_and_resumes_bitwise(slurm, data,
     whole = subprocess.Popen([sys.executable, str(REPO / "tools" / "train"), "--stage", "3",
                               "--shards", str(data / "local"), "--run-dir", str(tmp_path / "whole"),
                               "--iterations", str(iterations), *TRAIN_ARGS],
-                             cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             cwd=REPO, env={**os.environ, **ENV},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: training_started(run_dir), 180, "training did not start", log)
         time.sleep(0.5)  # mid-run

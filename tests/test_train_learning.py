@@ -20,7 +20,8 @@ import torch
 
 pytestmark = [
     pytest.mark.skipif(not os.environ.get("STCN_LEARNING_CHECK"),
-                       reason="learning benchmark (several CPU minutes): set STCN_LEARNING_CHECK=1 to run it"),
+                       reason="learning benchmark (several CPU minutes): "
+                              "set STCN_LEARNING_CHECK=1 to run it"),
     pytest.mark.timeout(3600),
 ]
 
@@ -71,7 +72,8 @@ def test_short_run_learns_and_beats_the_untrained_network(tmp_path):
     print(f"\nlearning check, {iterations} iterations at {SIZE}x{SIZE}, batch 4, CPU: "
           f"loss {first:.3f} -> {last:.3f} (first/last {window} iterations); held-out J&F "
           f"untrained {untrained_scores['J&F']:.3f}, trained {trained_scores['J&F']:.3f}, "
-          f"copy-first-frame {baseline['J&F']:.3f}; {result.last_metrics.get('seconds_per_iteration', 0):.2f} s/it")
+          f"copy-first-frame {baseline['J&F']:.3f}; "
+          f"{result.last_metrics.get('seconds_per_iteration', 0):.2f} s/it")
     training_iou = result.last_metrics["iou_frame1"]  # mean over the last 20 iterations
     print(f"training IoU of the target object (frame 1, last 20 iterations): {training_iou:.3f}")
     assert last < 0.5 * first

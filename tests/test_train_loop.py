@@ -18,6 +18,7 @@ import torch
 
 import shards
 from shards.sample_clips import make_clip
+
 from stcn import trainer as trainer_module
 from stcn.network import STCN
 from stcn.stages import load_stage
@@ -218,7 +219,8 @@ def test_two_process_gloo_run_and_elastic_resume_in_one_process(tmp_path, shard_
               "--batch-size", "1", "--crop", str(SIZE), "--workers", "0", "--device", "cpu",
               "--no-progress", "--log-every", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2",
                           str(REPO / "tools" / "train"), *common, "--stop-after", "2"],
                          env=env, capture_output=True, text=True, timeout=400)
     assert two.returncode == 0, two.stdout + two.stderr
@@ -264,11 +266,13 @@ def test_mostly_empty_clips_warn_with_their_share(tmp_path):
     rng = np.random.default_rng(0)
     samples = [make_clip(rng, f"e{i:03d}-0", size=SIZE, n_objects=1 if i % 4 == 0 else 0) for i in range(16)]
     url = str(tmp_path / "mostly_empty")
-    shards.write_manifest(url, shards.Manifest(shards=[shards.write_shard(f"{url}/shard-000000.tar", samples)],
-                                               config={"kind": "synthetic", "source": "davis", "max_skip": 5}))
+    shard = shards.write_shard(f"{url}/shard-000000.tar", samples)
+    shards.write_manifest(url, shards.Manifest(
+        shards=[shard], config={"kind": "synthetic", "source": "davis", "max_skip": 5}))
     stage = load_stage(3, {"iterations": 8, "batch_size": 2, "lr": 1e-4,
                            "phases": [{"start": 0.0, "max_skip": 5, "sets": {url: 1.0}}]})
-    with pytest.warns(UserWarning, match=r"75% of the clips stage 3 streamed so far \(12 of 16\) have no target"):
+    with pytest.warns(UserWarning,
+                      match=r"75% of the clips stage 3 streamed so far \(12 of 16\) have no target"):
         train(stage, options(tmp_path / "run", None, log_every=4, image_every=0))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["clips_seen"] == 16 and summary["clips_without_target_share"] == 0.75

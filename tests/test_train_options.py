@@ -56,7 +56,8 @@ def test_stage0_refuses_random_init_and_names_both_options(tmp_path):
     assert "--from-scratch" in problems[0]
     (tmp_path / "r50.pth").write_bytes(b"x")
     problems = _problems(0, tmp_path, imagenet_resnet50=str(tmp_path / "r50.pth"))
-    assert len(problems) == 1 and "--imagenet-resnet18 FILE" in problems[0] and "resnet50 FILE" not in problems[0]
+    assert len(problems) == 1
+    assert "--imagenet-resnet18 FILE" in problems[0] and "resnet50 FILE" not in problems[0]
 
 
 def test_stage0_starts_with_from_scratch_imagenet_or_stcn_weights(tmp_path):
@@ -99,9 +100,11 @@ def test_published_iterations_give_the_published_schedule():
 def test_schedule_scaling_is_an_explicit_option():
     proportional = resolve_stage(3, iterations=1500)
     assert proportional.schedule_scaling == "proportional"  # the documented default
-    assert proportional.lr_steps == (1250,) and (proportional.bootstrap_start, proportional.bootstrap_end) == (200, 700)
+    assert proportional.lr_steps == (1250,)
+    assert (proportional.bootstrap_start, proportional.bootstrap_end) == (200, 700)
     absolute = resolve_stage(3, iterations=300_000, schedule_scaling="absolute")
-    assert absolute.lr_steps == (125_000,) and (absolute.bootstrap_start, absolute.bootstrap_end) == (20_000, 70_000)
+    assert absolute.lr_steps == (125_000,)
+    assert (absolute.bootstrap_start, absolute.bootstrap_end) == (20_000, 70_000)
     # phases still switch at fractions of the run
     assert absolute.phase_start_iteration(5) == 270_000
     with pytest.raises(ValueError, match="schedule_scaling must be one of"):

@@ -107,7 +107,8 @@ def test_dry_run_prints_configuration_and_plan_and_writes_nothing(tmp_path, skip
                       "--schedule-scaling", "absolute", "--dry-run")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    config = yaml.safe_load(out.split("resolved configuration (config.yaml of the run):\n")[1].split("\nstage 3:")[0])
+    resolved = out.split("resolved configuration (config.yaml of the run):\n")[1]
+    config = yaml.safe_load(resolved.split("\nstage 3:")[0])
     assert config["options"]["keep_last"] == 3 and config["options"]["amp"] == "fp16"  # defaults included
     assert config["stage"]["schedule_scaling"] == "absolute" and config["stage"]["lr_steps"] == [125_000]
     assert "lr x0.1 at iteration 125000 (published 125000); 125000 is past the end" in out
