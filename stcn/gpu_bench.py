@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 #: What one training measurement needs; the defaults are the GPU run's.
 @dataclass(frozen=True)
 class TrainBench:
