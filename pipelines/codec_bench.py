@@ -5,7 +5,9 @@ For each setting: PSNR against the clip before encoding (the lossless reference)
 frames member per clip, and the loader's decode rate of that member (clips per CPU-second of
 this single-threaded process, the figure robust to a shared machine, and per wall-second).
 JPEG settings are decoded as the loader decodes (`shards.codec.decode_jpeg`, into a reused
-buffer); the lossless PNG and WebP rows, which the shard format does not offer, with OpenCV.
+buffer), and for them a shard set is written and read back by the loader itself (one
+process, batch 4, `shards.bench`); the lossless PNG and WebP rows, which the shard format
+does not offer, are decoded with OpenCV.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ import cv2
 import numpy as np
 
 from shards import codec
+from shards.bench import run_benchmark
+from shards.manifest import Manifest, write_manifest
+from shards.writer import write_encoded_shard
 
 from pipelines.driver import JobConfig, make_clip, make_plan
 from pipelines.synthetic import make_synthetic
@@ -49,15 +54,15 @@ SETTINGS = (jpeg(90, "420"), jpeg(95, "420"), jpeg(90, "444"), jpeg(95, "444"),
 
 
 def make_clips(workdir, count: int, seed: int = 0,
-               size: tuple[int, int] | None = None) -> list[np.ndarray]:
-    """`count` clips (3, 384, 384, 3) uint8 RGB of our pipeline from a synthetic DAVIS
-    (480x854 frames unless `size` (H, W) is given)."""
+               size: tuple[int, int] | None = None) -> list[dict]:
+    """`count` clip samples of our pipeline (frames (3, 384, 384, 3) uint8 RGB) from a
+    synthetic DAVIS (480x854 frames unless `size` (H, W) is given)."""
     root = make_synthetic("davis", Path(workdir) / "davis", videos=4, frames=30, seed=seed,
                           size=size, overwrite=True)
     plan = make_plan(JobConfig("davis", str(root), "unused", clips=count, max_skip=5, seed=seed,
                                subset="all"))
     videos = len(plan.source.videos)
-    return [make_clip(plan, i % videos, i // videos)["frames"] for i in range(count)]
+    return [make_clip(plan, i % videos, i // videos) for i in range(count)]
 
 
 def _encode(strip_rgb: np.ndarray, setting: Setting) -> bytes:
@@ -74,6 +79,21 @@ def _decoder(setting: Setting, shape):
         return lambda data: codec.decode_jpeg(data, buffer)
     return lambda data: cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8),
                                                   cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def loader_rate(clips: list[dict], setting: Setting, workdir, batch_size: int = 4,
+                repeats: int = 3) -> float:
+    """Clips/s of the shard loader (one process, `shards.bench`) over a set of `clips`
+    written with a JPEG `setting`."""
+    quality, factor = setting.params[1], setting.params[3]
+    sampling = next(k for k, v in codec.JPEG_SAMPLING.items() if v == factor)
+    url = str(Path(workdir) / setting.name.split(" (")[0].replace(" ", "_").replace(":", ""))
+    infos = [write_encoded_shard(f"{url}/shard-{i // 100:06d}.tar",
+                                 [codec.encode_sample(c, quality, sampling)
+                                  for c in clips[i:i + 100]])
+             for i in range(0, len(clips), 100)]
+    write_manifest(url, Manifest(shards=infos, config={"generator": "pipelines.codec_bench"}))
+    return run_benchmark(url, batch_size, workers=0, repeats=repeats)["tar_1_process"]
 
 
 def measure(clips: list[np.ndarray], setting: Setting, repeats: int = 3) -> dict:
@@ -104,14 +124,15 @@ def format_table(rows: list[dict]) -> list[str]:
     """Markdown table with ratios to the first row (the reference setting)."""
     ref = rows[0]
     lines = ["| setting | PSNR vs lossless (dB) | KB per clip (frames) | x bytes | decode clips/s "
-             "(per CPU-s) | x decode speed | decode clips/s (wall) | encode clips/s (per CPU-s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(per CPU-s) | x decode speed | decode clips/s (wall) | encode clips/s (per CPU-s) "
+             "| loader clips/s (wall, batch 4) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         psnr = "lossless" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f}"
         lines.append(f"| {r['setting']} | {psnr} | {r['bytes'] / 1024:.1f} | "
                      f"{r['bytes'] / ref['bytes']:.2f} | {r['cpu_rate']:.0f} | "
                      f"{r['cpu_rate'] / ref['cpu_rate']:.2f} | {r['wall_rate']:.0f} | "
-                     f"{r['encode_rate']:.0f} |")
+                     f"{r['encode_rate']:.0f} | "
+                     + (f"{r['loader']:.0f} |" if r.get("loader") else "- |"))
     return lines
 
 
@@ -119,8 +140,12 @@ def run_codec_bench(clips: int = 100, workdir=None, repeats: int = 3, seed: int 
                     echo=print) -> list[dict]:
     cv2.setNumThreads(1)  # one core, like one loader worker
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        frames = make_clips(tmp, clips, seed)
-    rows = [measure(frames, s, repeats) for s in SETTINGS]
+        samples = make_clips(tmp, clips, seed)
+        frames = [c["frames"] for c in samples]
+        rows = [measure(frames, s, repeats) for s in SETTINGS]
+        for row, setting in zip(rows, SETTINGS):
+            if setting.jpeg:  # the shard format stores JPEG frames only
+                row["loader"] = loader_rate(samples, setting, tmp, repeats=repeats)
     echo(f"{clips} clips of 3 x 384x384 (synthetic DAVIS 480p, max skip 5), decoder "
          f"{codec.JPEG_DECODER} for JPEG; ratios are to {rows[0]['setting']}.")
     for line in format_table(rows):

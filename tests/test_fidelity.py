@@ -161,9 +161,11 @@ def test_published_side_runs_on_the_same_videos(tiny_roots):
 
 
 def test_codec_bench_orders_the_settings(tmp_path):
-    from pipelines.codec_bench import SETTINGS, format_table, make_clips, measure
-    clips = make_clips(tmp_path, 2, size=TINY)
+    from pipelines.codec_bench import SETTINGS, format_table, loader_rate, make_clips, measure
+    samples = make_clips(tmp_path, 4, size=TINY)
+    clips = [c["frames"] for c in samples]
     assert clips[0].shape == (3, 384, 384, 3)
+    assert loader_rate(samples, SETTINGS[2], tmp_path, repeats=1) > 0
     rows = {s.name: measure(clips, s, repeats=1) for s in SETTINGS}
     q90, q95 = rows["JPEG q90 4:2:0"], rows["JPEG q95 4:4:4"]
     assert rows["JPEG q90 4:4:4 (default)"]["psnr"] > q90["psnr"]
