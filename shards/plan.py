@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .seeds import rng
+
 
 @dataclass(frozen=True)
 class Leg:
@@ -43,10 +45,6 @@ class Leg:
             (other.world, other.workers, other.batch, other.buffer)
 
 
-def _rng(*parts: int) -> np.random.Generator:
-    return np.random.default_rng([int(p) for p in parts])
-
-
 def epoch_visits(shard_counts: list[list[int]], weights: list[float], seed: int, epoch: int
                  ) -> np.ndarray:
     """(V, 2) int array of (source, shard) visits in this epoch's shuffled order."""
@@ -59,11 +57,11 @@ def epoch_visits(shard_counts: list[list[int]], weights: list[float], seed: int,
         chosen = np.tile(np.arange(n), whole)
         extra = int(round(frac * n))
         if extra:
-            chosen = np.concatenate(
-                [chosen, np.sort(_rng(seed, epoch, src, 1).choice(n, extra, replace=False))])
+            subset = rng(seed, "fractional_visits", epoch=epoch, source=src).choice(n, extra, replace=False)
+            chosen = np.concatenate([chosen, np.sort(subset)])
         visits.append(np.stack([np.full(len(chosen), src), chosen], axis=1))
     visits = np.concatenate(visits) if visits else np.zeros((0, 2), np.int64)
-    return visits[_rng(seed, epoch, 0).permutation(len(visits))].astype(np.int64)
+    return visits[rng(seed, "visit_order", epoch=epoch).permutation(len(visits))].astype(np.int64)
 
 
 def epoch_positions(visits: np.ndarray, shard_counts: list[list[int]]
@@ -127,7 +125,8 @@ def buffer_order(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def stream_order(seed: int, epoch: int, leg_index: int, rank: int, k: int, n: int,
                  buffer: int) -> np.ndarray:
-    return buffer_order(n, buffer, _rng(seed, epoch, leg_index + 1, rank, k))
+    return buffer_order(n, buffer, rng(seed, "shuffle_buffer", epoch=epoch, leg=leg_index,
+                                        rank=rank, worker=k))
 
 
 def remaining_after(remaining: np.ndarray, leg: Leg, leg_index: int, seed: int, epoch: int

@@ -172,3 +172,23 @@ def test_held_batches_keep_their_own_data(uneven_set, workers):
         for i, key in enumerate(batch["__key__"]):
             assert torch.equal(batch["frames"][i], torch.from_numpy(want[key]["frames"]))
             assert torch.equal(batch["masks"][i], torch.from_numpy(want[key]["masks"]))
+
+
+def test_seeded_streams_are_keyed_by_name_not_by_arithmetic():
+    from shards.seeds import derived_seed, rng
+
+    def draws(*args, **key):
+        return tuple(rng(*args, **key).integers(2**62, size=4).tolist())
+
+    # numpy pads short entropy lists with zeros: default_rng([5, 0]) is default_rng([5])
+    assert np.random.default_rng([5, 0]).integers(2**62) == np.random.default_rng([5]).integers(2**62)
+    keys = [("visit_order", {}), ("visit_order", {"epoch": 0}), ("visit_order", {"epoch": 1}),
+            ("shuffle_buffer", {"epoch": 0, "rank": 1, "worker": 0}),
+            ("shuffle_buffer", {"epoch": 0, "rank": 0, "worker": 1}),
+            ("shuffle_buffer", {"epoch": 1, "rank": 0, "worker": 0})]
+    assert len({draws(5, name, **key) for name, key in keys}) == len(keys)
+    assert draws(5, "shuffle_buffer", rank=1, epoch=0) == draws(5, "shuffle_buffer", epoch=0, rank=1)
+    assert draws(5, "visit_order", epoch=0) != draws(6, "visit_order", epoch=0)
+    assert 0 <= derived_seed(2**70, "loader", stage=3) < 2**63
+    with pytest.raises(ValueError, match="non-negative"):
+        rng(-1, "visit_order")
