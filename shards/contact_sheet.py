@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from . import storage
+from .images import object_colour
 from .reader import iter_samples
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -25,18 +26,6 @@ CHAR_WIDTH = 7.2          # of FONT at FONT_SCALE, for wrapping
 MARGIN = 4
 FILL_ALPHA = 0.45
 OUTLINE_PX = 2
-
-# Vivid, mutually distinct colours (RGB) for object ids 1, 2, ...; id k takes entry
-# (k - 1) mod len. The DAVIS palette's dark reds and greens vanish on video frames.
-OBJECT_COLOURS = np.array([
-    (255, 40, 40), (40, 220, 60), (40, 120, 255), (255, 220, 0), (255, 0, 220),
-    (0, 230, 230), (255, 140, 0), (160, 80, 255), (150, 255, 120), (255, 150, 190),
-    (0, 150, 130), (200, 160, 90)], np.uint8)
-
-
-def object_colour(object_id: int) -> np.ndarray:
-    return OBJECT_COLOURS[(int(object_id) - 1) % len(OBJECT_COLOURS)]
-
 
 def overlay(frame: np.ndarray, mask: np.ndarray, alpha: float = FILL_ALPHA,
             outline: int = OUTLINE_PX) -> np.ndarray:

@@ -14,14 +14,12 @@ from typing import Mapping
 import torch
 
 from shards import console
+from shards.images import OBJECT_COLOURS
 
 from stcn.online_augment import IMAGENET_MEAN, IMAGENET_STD
 
-# One colour per object id for prediction/ground-truth overlays (background stays black).
-_PALETTE = torch.tensor(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]],
-    dtype=torch.float32,
-) / 255
+# Prediction/ground-truth overlays draw object ids in the contact sheets' colours.
+_COLOURS = torch.from_numpy(OBJECT_COLOURS).float() / 255
 
 
 class StepTimer:
@@ -147,8 +145,8 @@ class TrainingMonitor:
 
 def overlay(rgb: torch.Tensor, ids: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Blend id colours over (T, 3, H, W) images in [0, 1]; background pixels stay as they are."""
-    ids = ids.long().clamp(max=len(_PALETTE) - 1)
-    colours = _PALETTE[ids].permute(0, 3, 1, 2)  # (T, 3, H, W)
+    ids = ids.long()
+    colours = _COLOURS[(ids - 1) % len(_COLOURS)].permute(0, 3, 1, 2)  # (T, 3, H, W)
     foreground = (ids > 0).unsqueeze(1)
     return torch.where(foreground, (1 - alpha) * rgb + alpha * colours, rgb)
 

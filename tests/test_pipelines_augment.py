@@ -4,6 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
+from shards.images import shorter_side_size
+
 from pipelines.augment import (
     BL30K_AUGMENT,
     STATIC_AUGMENT,
@@ -11,7 +13,7 @@ from pipelines.augment import (
     augment_static,
     augment_video,
 )
-from pipelines.augment.geometry import centred_affine, random_crop, shorter_side_size
+from pipelines.augment.geometry import centred_affine, random_crop
 from pipelines.augment.recipes import static_steps
 from pipelines.augment.tps import eval_tps, fit_tps, random_tps_points, tps_displacement
 from pipelines.augment.warp import Step, warp_frame

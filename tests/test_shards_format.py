@@ -238,3 +238,21 @@ def test_loader_hands_soft_masks_to_the_trainer(workers, tmp_path):
             else:
                 assert not batch["soft"][slot].any()
     assert seen == len(softs)
+
+
+def test_image_conventions_have_one_home():
+    import pipelines.synthetic.palette as synthetic_palette
+    from shards import contact_sheet
+    from shards.images import davis_palette, object_colour, shorter_side_size
+    from stcn import evaluation
+
+    palette = np.frombuffer(davis_palette(), np.uint8).reshape(256, 3)
+    # the PASCAL VOC colour map: 1 dark red, 2 dark green, 3 olive, 4 navy, 255 light grey
+    assert palette[:5].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
+    assert palette[255].tolist() == [224, 224, 192]
+    assert synthetic_palette.davis_palette is evaluation.davis_palette is davis_palette
+    assert contact_sheet.object_colour is object_colour
+    # torchvision's Resize(int): the shorter side becomes `size`, the longer one is truncated
+    assert shorter_side_size(854, 480, 384) == (683, 384)
+    assert shorter_side_size(480, 854, 384) == (384, 683)
+    assert shorter_side_size(500, 500, 384) == (384, 384)

@@ -88,8 +88,3 @@ def random_crop(rng: np.random.Generator, width: int, height: int, size: int
     return translation(-x, -y), {"offset": [x, y]}
 
 
-def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """Output (width, height) of resizing the shorter side to `size` (torchvision's rule)."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size

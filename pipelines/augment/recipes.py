@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from shards.images import shorter_side_size
+
 from pipelines.augment.geometry import (
     random_affine,
     random_crop,
     random_resized_crop,
     resize_matrix,
-    shorter_side_size,
 )
 from pipelines.augment.params import IMAGE_MEAN_RGB, StaticAugment, VideoAugment
 from pipelines.augment.tps import random_tps_points, tps_displacement

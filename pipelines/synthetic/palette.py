@@ -1,33 +1,17 @@
-"""The DAVIS colour palette and the mask file formats of the official data sets.
+"""The mask file formats of the official data sets.
 
-DAVIS, YouTubeVOS and BL30K store label maps as indexed ("P" mode) PNGs whose palette is the
-PASCAL VOC colour map: index 0 black, 1 dark red, 2 dark green, ... The pixel values are the
-object ids; the palette only matters to people looking at the files (and to tools that copy
-it into their outputs). DAVIS 2016 and the static saliency sets store binary 0/255 masks.
+DAVIS, YouTubeVOS and BL30K store label maps as indexed ("P" mode) PNGs with the DAVIS
+palette (`shards.images.davis_palette`); DAVIS 2016 and the static saliency sets store
+binary 0/255 masks.
 """
 from __future__ import annotations
 
 import io
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
-
-@lru_cache(maxsize=1)
-def davis_palette() -> bytes:
-    """The 256-entry RGB palette (768 bytes) of DAVIS/YouTubeVOS annotation PNGs.
-
-    Colour i spreads the bits of i over the three channels, most significant bit first:
-    bit 3j of i goes to bit 7-j of red, bit 3j+1 to green, bit 3j+2 to blue.
-    """
-    ids = np.arange(256)
-    rgb = np.zeros((256, 3), dtype=np.int64)
-    for j in range(8):
-        for channel in range(3):
-            bit = (ids >> (3 * j + channel)) & 1
-            rgb[:, channel] |= bit << (7 - j)
-    return rgb.astype(np.uint8).tobytes()
+from shards.images import davis_palette
 
 
 def indexed_png(ids: np.ndarray) -> Image.Image:

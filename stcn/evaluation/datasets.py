@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shards.images import shorter_side_size
+
 from stcn.evaluation.files import (
     DatasetError,
     list_images,
@@ -39,7 +41,6 @@ from stcn.evaluation.files import (
     read_mask,
     resize_frames,
     resize_labels,
-    short_side_size,
 )
 from stcn.inference import Annotation
 
@@ -241,7 +242,10 @@ def load_video(spec: VideoSpec) -> LoadedVideo:
     lut[object_ids] = np.arange(1, len(object_ids) + 1)
 
     images = normalise_frames(raw)
-    work_size = size if spec.short_side is None else short_side_size(size, spec.short_side)
+    work_size = size  # (H, W)
+    if spec.short_side is not None:
+        width, height = shorter_side_size(size[1], size[0], spec.short_side)
+        work_size = (height, width)
     images = resize_frames(images, work_size)
     annotations = []
     for index, labels in sorted(masks.items()):

@@ -9,7 +9,6 @@ source has none.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from shards.images import davis_palette
 from shards.storage import write_bytes_atomic
 
 from stcn.online_augment import IMAGENET_MEAN, IMAGENET_STD
@@ -26,17 +26,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 class DatasetError(ValueError):
     """Bad evaluation input; the message names the file and what was expected."""
-
-
-@lru_cache(maxsize=1)
-def davis_palette() -> bytes:
-    """The 768-byte PASCAL VOC / DAVIS palette: bit 3j+c of an index sets bit 7-j of channel c."""
-    index = np.arange(256)
-    rgb = np.zeros((256, 3), dtype=np.uint8)
-    for j in range(8):
-        for c in range(3):
-            rgb[:, c] |= (((index >> (3 * j + c)) & 1) << (7 - j)).astype(np.uint8)
-    return rgb.tobytes()
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -88,14 +77,6 @@ def normalise_frames(frames: list[np.ndarray]) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def short_side_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
-    """(H, W) scaled so the shorter side is ``short_side`` (longer side truncated, as torchvision)."""
-    h, w = size
-    if h <= w:
-        return short_side, int(short_side * w / h)
-    return int(short_side * h / w), short_side
 
 
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
