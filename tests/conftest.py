@@ -1,5 +1,70 @@
+"""Shared test set-up: the environment, the one way to load a tool in-process, and the small
+synthetic data that several test files build the same way.
+
+Helpers are plain functions (`from conftest import load_tool`, as the tests import their other
+siblings); fixtures are found by pytest. Nothing here imports torch at module level: some tests
+check that the shard-writing side runs without it.
+"""
+
+import importlib.util
 import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
 
 # Keep the suite CPU-only and reproducible on the 2-core CI machine.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+
+
+def load_tool(name: str):
+    """The script tools/NAME as a module (its `__main__` block does not run), loaded the way
+    its console command stcn-NAME loads it: through tools/__init__.py, the package that
+    `pip install .` installs as stcn_tools. Call `load_tool(NAME).main` like click does."""
+    if "stcn_tools" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("stcn_tools", TOOLS / "__init__.py")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["stcn_tools"] = package
+        spec.loader.exec_module(package)
+    return sys.modules["stcn_tools"].load(name)
+
+
+def tool_command(name: str, *args) -> list[str]:
+    """The command line that runs tools/NAME as its own process (for exit codes, signals and
+    output as a user sees them)."""
+    return [sys.executable, str(TOOLS / name), *map(str, args)]
+
+
+def write_clip_set(n: int, *, max_count: int = 7, prefix: str = "v", size: int = 16,
+                   n_objects: int = 2, seed: int | None = None, config: dict | None = None,
+                   root: str | None = None) -> str:
+    """A shard set of n synthetic clips named PREFIX-0000, PREFIX-0001, ... (seed: n unless
+    given), max_count clips per shard, with its manifest; in memory:// unless root is given."""
+    import numpy as np
+
+    import shards
+    from shards.sample_clips import make_clip
+
+    root = root or f"memory://set-{uuid.uuid4().hex}"
+    rng = np.random.default_rng(n if seed is None else seed)
+    with shards.ShardWriter(root, max_count=max_count) as writer:
+        for i in range(n):
+            writer.write(make_clip(rng, f"{prefix}-{i:04d}", size=size, n_objects=n_objects))
+    shards.write_manifest(root, shards.Manifest(shards=writer.infos, config=config or {}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A randomly initialised multi-object STCN (torch seed 0), in eval mode."""
+    import torch
+
+    from stcn.network import STCN
+
+    torch.manual_seed(0)
+    return STCN().eval()

@@ -7,15 +7,8 @@ from stcn.aggregate import aggregate
 from stcn.inference import Annotation, InferenceConfig, InferenceCore, pad_to_multiple, unpad
 from stcn.memory import MemoryBank
 from stcn.memory_ops import get_affinity, readout, softmax_full
-from stcn.network import STCN
 
 H, W = 32, 64          # multiples of 16: 2x4 memory positions per frame
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    return STCN().eval()
 
 
 @pytest.fixture(scope="module")

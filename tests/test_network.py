@@ -46,9 +46,8 @@ def state_dict_from_layout(layout, seed=0):
 
 
 @pytest.fixture(scope="module")
-def multi_net():
-    torch.manual_seed(0)
-    return STCN(single_object=False).eval()
+def multi_net(net):
+    return net  # conftest's: multi-object, torch seed 0
 
 
 @pytest.fixture(scope="module")

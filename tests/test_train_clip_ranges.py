@@ -1,14 +1,13 @@
 """Every consumed clip is distinct: phases sharing a set read disjoint ranges (loader and
 trainer), a phase that would repeat clips is refused unless allowed, and this holds after a
 resume and an elastic resume (ranks simulated in one process)."""
-import uuid
-
 import numpy as np
 import pytest
 
 import shards
 from shards.sample_clips import make_clip
 
+from conftest import write_clip_set
 from stcn.clip_ranges import NotEnoughClipsError, check_phase_clips, phase_clips, set_range
 from stcn.stages import load_stage
 
@@ -16,13 +15,7 @@ SIZE = 16
 
 
 def write_set(n, max_count=7, prefix="v"):
-    root = f"memory://ranges-{uuid.uuid4().hex}"
-    rng = np.random.default_rng(n)
-    with shards.ShardWriter(root, max_count=max_count) as writer:
-        for i in range(n):
-            writer.write(make_clip(rng, f"{prefix}-{i:04d}", size=SIZE, n_objects=1))
-    shards.write_manifest(root, shards.Manifest(shards=writer.infos, config={}))
-    return root
+    return write_clip_set(n, max_count=max_count, prefix=prefix, size=SIZE, n_objects=1)
 
 
 def keys(loader, batches=None):
