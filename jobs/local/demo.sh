@@ -5,18 +5,27 @@
 #   DEMO_SCALE=mini jobs/local/demo.sh    (the miniature run the test suite uses)
 #
 # Every step is a real tool with a smaller config: tools/make_synthetic -> tools/make_shards
-# -> tools/train (stage 0, then stage 3 from stage 0's weights) -> tools/eval. The sizes of
-# each scale live in jobs/local/demo/<scale>.env, and the shortened stage schedules in
-# jobs/local/demo/stage{0,3}.yaml. Running it again reuses finished steps: generated sets,
-# finished shard sets, finished training stages and finished evaluations.
+# -> tools/train (stage 0, then stage 3 from stage 0's weights) -> tools/eval ->
+# tools/demo_report (OUT_DIR/report/index.html). The sizes of each scale live in
+# jobs/local/demo/<scale>.env (default scale: gpu with CUDA, else cpu), and the shortened
+# stage schedules in jobs/local/demo/stage{0,3}.yaml. Running it again reuses finished
+# steps: generated sets, finished shard sets, training stages and evaluations.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 OUT=${1:-demo_out}
-SCALE=${DEMO_SCALE:-full}
+SCALE=${DEMO_SCALE:-auto}
+if [ "$SCALE" = auto ]; then
+  # The GPU scale needs a CUDA build of torch that sees a GPU; anything else runs the CPU scale.
+  if python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    SCALE=gpu
+  else
+    SCALE=cpu
+  fi
+fi
 CONFIG=jobs/local/demo/$SCALE.env
 [ -f "$CONFIG" ] || { echo "demo: no scale '$SCALE' ($CONFIG missing)" >&2; exit 2; }
-# shellcheck source=jobs/local/demo/full.env
+# shellcheck source=jobs/local/demo/cpu.env
 source "$CONFIG"
 
 DATA=$OUT/data SHARDS=$OUT/shards RUNS=$OUT/runs EVALS=$OUT/eval
@@ -27,13 +36,35 @@ export PYTHONUNBUFFERED=1
 # Each step's expected seconds on a 2-core CPU (from the scale's config); the estimate of
 # what is left is rescaled by how fast the finished steps actually went on this machine.
 STEP_NAMES=("generate synthetic sets" "make shards" "train stage 0" "train stage 3"
-            "evaluate untrained network" "evaluate trained network" "copy-first-frame baseline")
-STEP_SECONDS=("$T_DATA" "$T_SHARDS" "$T_STAGE0" "$T_STAGE3" "$T_EVAL" "$T_EVAL" "$T_BASELINE")
+            "evaluate untrained network" "evaluate trained network" "copy-first-frame baseline"
+            "report")
+STEP_SECONDS=("$T_DATA" "$T_SHARDS" "$T_STAGE0" "$T_STAGE3" "$T_EVAL" "$T_EVAL" "$T_BASELINE" "$T_REPORT")
 START=$(date +%s) STEP=0 EXPECTED_DONE=0
+STEP_START=$START STEP_CPU=0 STEP_HOW=reused
+: > "$OUT/steps.tsv"  # one line per finished step: name, wall s, CPU s, run or reused
 
 mmss() { printf '%d:%02d' $(($1 / 60)) $(($1 % 60)); }
+# CPU_NOW: CPU seconds (user + system) of every finished child process of this shell so far.
+# Call it directly, never in $(...): `times` in a subshell reports the subshell's children.
+cpu_now() {
+  times > "$OUT/.times"
+  CPU_NOW=$(awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); t += p[1] * 60 + p[2] } printf "%.1f", t }' "$OUT/.times")
+}
+# end the running step: print and record its wall and CPU time
+end_step() {
+  local now cpu
+  cpu_now
+  now=$(date +%s) cpu=$(awk -v a="$CPU_NOW" -v b="$STEP_CPU" 'BEGIN { printf "%.1f", a - b }')
+  if [ "$STEP" -gt 0 ]; then
+    printf '    done in %s (%s CPU seconds)\n' "$(mmss $((now - STEP_START)))" "$cpu"
+    printf '%s\t%d\t%s\t%s\n' "${STEP_NAMES[STEP - 1]}" $((now - STEP_START)) "$cpu" "$STEP_HOW" >> "$OUT/steps.tsv"
+  fi
+  STEP_START=$now STEP_CPU=$CPU_NOW STEP_HOW=reused
+}
+ran() { STEP_HOW=run; }  # a step that calls no tool (all reused) stays "reused"
 step() {
   local now elapsed left=0 i
+  end_step
   now=$(date +%s) elapsed=$((now - START))
   for ((i = STEP; i < ${#STEP_SECONDS[@]}; i++)); do left=$((left + STEP_SECONDS[i])); done
   # Rescale by this machine's speed so far, clamped: steps reused from an earlier run
@@ -54,7 +85,10 @@ synthetic() {
   local kind=$1 size=$2 frames=()
   # DAVIS val is the held-out evaluation set: its length sets the evaluation time
   if [ "$kind" = davis ]; then frames=(--frames "$DAVIS_FRAMES"); fi
+  # the videos' motion (static images have none): how far objects drift from frame 0
+  if [ "$kind" != static ]; then frames+=(--speed "$SPEED"); fi
   [ -f "$DATA/$kind/SYNTHETIC.json" ] && { echo "$DATA/$kind: already generated"; return; }
+  ran
   tools/make_synthetic "$kind" "$DATA/$kind" --videos "$VIDEOS" --size "$size" --seed 0 --overwrite \
     "${frames[@]}"
 }
@@ -64,6 +98,7 @@ shards() {
   local kind=$1 out=$2
   shift 2
   [ -f "$out/manifest.json" ] && { echo "$out: already made"; return; }
+  ran
   tools/make_shards "$kind" "$DATA/$kind" --out "$out" --clips-per-shard "$CLIPS_PER_SHARD" \
     --workers "$WORKERS" "$@"
 }
@@ -72,6 +107,7 @@ shards() {
 evaluate() {
   local name=$1
   shift
+  ran
   tools/eval davis --root "$DATA/davis" --year 2017 --split val --device "$DEVICE" \
     --out "$EVALS/$name" "$@"
 }
@@ -98,6 +134,7 @@ TRAIN=(--shards "$SHARDS" --device "$DEVICE" --crop "$CROP" --crop-mode resize -
        --checkpoint-every "$CHECKPOINT_EVERY" --keep-last 1 --snapshot-every 0 --resume auto)
 step
 if [ ! -f "$RUNS/s0/stcn_stage0.pth" ]; then
+  ran
   tools/train --stage 0 --run-dir "$RUNS/s0" --config jobs/local/demo/stage0.yaml \
     --iterations "$ITERS_STAGE0" --from-scratch "${TRAIN[@]}"
 else
@@ -106,41 +143,26 @@ fi
 
 step
 if [ ! -f "$RUNS/s03/stcn_stage3.pth" ]; then
+  ran
   tools/train --stage 3 --run-dir "$RUNS/s03" --config jobs/local/demo/stage3.yaml \
     --iterations "$ITERS_STAGE3" --load-network "$RUNS/s0/stcn_stage0.pth" "${TRAIN[@]}"
 else
   echo "$RUNS/s03: stage 3 already trained"
 fi
 
+# The three evaluations score the same held-out videos at their own (small) resolution.
 step
 evaluate untrained
 step
 evaluate trained --model "$RUNS/s03/stcn_stage3.pth"
 step
+ran
 tools/eval baseline --root "$DATA/davis" --year 2017 --split val --out "$EVALS/copy_first_frame"
 
-# --- summary ---------------------------------------------------------------------------
-python3 - "$EVALS" "$SHARDS" "$RUNS" "$(($(date +%s) - START))" "$REQUIRE_LEARNING" <<'EOF'
-import json, sys
-from pathlib import Path
-
-evals, shards, runs, seconds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-require_learning = sys.argv[5] == "1"  # the mini scale trains too briefly to learn
-result = {name: json.loads((evals / name / "results.json").read_text())
-          for name in ("untrained", "trained", "copy_first_frame")}
-jf = {name: r["scores"]["J&F"] for name, r in result.items()}
-print("\n" + "=" * 72)
-print(f"STCN demo finished in {seconds // 60}:{seconds % 60:02d}")
-print(f"  held-out synthetic DAVIS 2017 val, J&F (%):")
-print(f"    trained (stage 0 -> 3)      {jf['trained']:6.1f}")
-print(f"    untrained (random weights)  {jf['untrained']:6.1f}")
-print(f"    copy the first-frame mask   {jf['copy_first_frame']:6.1f}")
-print(f"  inference speed (trained):    {result['trained']['fps']:.1f} FPS amortised, file IO excluded")
-print(f"  shard sets:                   {shards}")
-print(f"  run directories:              {runs}/s0  {runs}/s03")
-print(f"  masks and scores:             {evals}/trained")
-print(f"  TensorBoard:                  tensorboard --logdir {runs}")
-print("=" * 72)
-if require_learning and jf["trained"] <= jf["untrained"]:
-    sys.exit("demo: the trained network did not beat the untrained one")
-EOF
+# --- report and summary: tools/demo_report (stcn/evaluation/report.py) ------------------
+# It reads steps.tsv and adds its own time as the last step.
+step
+ran
+REPORT=(tools/demo_report "$OUT" --step-started "$STEP_START")
+if [ "$REQUIRE_LEARNING" = 1 ]; then REPORT+=(--require-learning); fi
+exec "${REPORT[@]}"
