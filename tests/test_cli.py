@@ -11,20 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
-
-
-def _load_tools():
-    """tools/ as the package stcn_tools, as installed."""
-    import importlib.util
-
-    if "stcn_tools" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("stcn_tools", TOOLS / "__init__.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["stcn_tools"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["stcn_tools"]
 
 
 def tool_scripts() -> list[str]:
@@ -93,9 +83,8 @@ def all_commands():
     """(command path, click command, context) of every tool command and subcommand."""
     import click
 
-    tools = _load_tools()
     for name in tool_scripts():
-        main = tools.load(name).main
+        main = load_tool(name).main
         ctx = click.Context(main, info_name=name)
         if isinstance(main, click.Group):
             for sub_name, sub in main.commands.items():
@@ -138,7 +127,7 @@ def test_every_option_is_explained_with_its_default_under_the_shared_names():
 def test_former_spellings_still_work_and_warn():
     from click.testing import CliRunner
 
-    plan = _load_tools().load("make_shards").main
+    plan = load_tool("make_shards").main
     result = CliRunner().invoke(plan, ["plan", "--stage", "3", "--root", "old-root"])
     assert result.exit_code == 0, result.output
     assert "--root is deprecated" in result.output and "use --shards" in result.output
@@ -295,7 +284,7 @@ def test_inspect_shards_shows_source_frames_and_augmentation(tmp_path):
         writer.write(_pipeline_like_clip("vid-a-000004"))
     write_manifest(url, Manifest(shards=writer.infos, config={"generator": "test"}))
     out = tmp_path / "sheet.png"
-    tool = _load_tools().load("inspect_shards")
+    tool = load_tool("inspect_shards")
     result = CliRunner().invoke(tool.main, [url, "--out", str(out), "--thumb", "64"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]

@@ -4,14 +4,13 @@ checkout of the published code is named by STCN_PUBLISHED (with STCN_TORCHVISION
 STCN_THINPLATE when those packages are not installed)."""
 import math
 import os
-import runpy
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import load_tool
 from pipelines.fidelity import (
     Estimate,
     Scenario,
@@ -27,7 +26,6 @@ from pipelines.fidelity import (
     tolerance,
 )
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 TINY = (72, 128)  # (H, W) of the tiny synthetic sets
 
 
@@ -128,7 +126,7 @@ def test_report_flags_a_difference():
 
 def test_tool_prints_the_table_and_writes_the_records(tmp_path):
     import json
-    main = runpy.run_path(str(TOOLS / "bench_fidelity"), run_name="tool")["main"]
+    main = load_tool("bench_fidelity").main
     result = CliRunner().invoke(main, ["--scenario", "youtube:5", "--clips", "3", "-q",
                                        "--workdir", str(tmp_path / "data"),
                                        "--json", str(tmp_path / "out.json")])
@@ -142,7 +140,7 @@ def test_tool_prints_the_table_and_writes_the_records(tmp_path):
 
 
 def test_tool_rejects_a_bad_scenario():
-    main = runpy.run_path(str(TOOLS / "bench_fidelity"), run_name="tool")["main"]
+    main = load_tool("bench_fidelity").main
     result = CliRunner().invoke(main, ["--scenario", "davis"])
     assert result.exit_code != 0 and "KIND:MAX_SKIP" in result.output
 

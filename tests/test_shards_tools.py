@@ -1,9 +1,7 @@
 """The shard tools (verify, convert to FFCV, contact sheet, loader benchmark), run
 in-process through their click commands."""
 import hashlib
-import runpy
 import uuid
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -16,11 +14,11 @@ from shards import storage
 from shards.sample_clips import write_synthetic_set
 from shards.writer import tar_bytes
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from conftest import load_tool
 
 
 def tool(name):
-    return runpy.run_path(str(TOOLS / name), run_name="tool")["main"]
+    return load_tool(name).main
 
 
 def invoke(name, *args):
