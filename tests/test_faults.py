@@ -27,6 +27,7 @@ from shards import errors, storage
 from shards.lease import Lease, LeaseHeld
 from shards.sample_clips import make_clip
 
+from conftest import load_tool
 from stcn.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -87,11 +88,9 @@ def tool(name: str, *args, **kwargs) -> subprocess.CompletedProcess:
 
 def run_tool_here(name: str, args: list[str], capsys) -> tuple[int, str]:
     """A tool's click command in this process (no interpreter start-up): (exit, stderr+stdout)."""
-    import tools
-
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        tools.load(name).main(args=[str(a) for a in args], prog_name=name)
+        load_tool(name).main(args=[str(a) for a in args], prog_name=name)
     out = capsys.readouterr()
     return exit_.value.code, out.err + out.out
 
