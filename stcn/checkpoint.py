@@ -191,7 +191,9 @@ class CheckpointManager:
             except (CheckpointError, OSError) as error:  # fall back to an older one
                 why = str(error).removeprefix(f"{path}: ")
                 failed.append(f"{path.name} ({why})")
-                if move_aside and path.exists():
+                # a damaged file is moved aside; one we may not read (permissions, I/O) is
+                # only reported: it may be fine
+                if move_aside and isinstance(error, CheckpointError) and path.exists():
                     self.move_aside(path, why)
         earlier = [f"{p.name} (moved aside earlier)" for p in self.unreadable()
                    if p.name.split(".pt")[0] + ".pt" not in {f.split(" ")[0] for f in failed}]
