@@ -189,6 +189,7 @@ def test_segmentation_is_deterministic_and_keeps_the_first_mask(net, video):
     core = InferenceCore(net, InferenceConfig(mem_every=2, include_last=True))
     first = core.segment(images, [Annotation(0, mask)], 2)
     second = core.segment(images, [Annotation(0, mask)], 2)
+    assert sorted(first) == sorted(second) == list(range(images.shape[0]))  # every frame
     assert all((first[t] == second[t]).all() for t in first)
     assert (torch.from_numpy(first[0]).long() == mask).all()
 
@@ -241,6 +242,8 @@ def test_bounded_memory_changes_nothing_while_under_the_bound(net, video):
         images, [Annotation(0, mask)], 2)
     first_frame_only = InferenceCore(net, InferenceConfig(mem_every=100)).segment(
         images, [Annotation(0, mask)], 2)
+    frames = list(range(images.shape[0]))
+    assert sorted(unbounded) == sorted(bounded) == sorted(tight) == sorted(first_frame_only) == frames
     assert all((unbounded[t] == bounded[t]).all() for t in unbounded)
     assert all((tight[t] == first_frame_only[t]).all() for t in tight)
 

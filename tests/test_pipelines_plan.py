@@ -36,7 +36,8 @@ def test_published_stages_stream_every_clip_once(stage_index, gpus):
             assert abs(n.clips - streamed * share) <= 1
     # the trainer, given sets of these sizes, streams every clip once at this GPU count
     sets, totals = _sets_and_totals(stage, needs)
-    assert all(p.fits for p in check_phase_clips(stage, sets, totals, world_size=gpus))
+    checks = check_phase_clips(stage, sets, totals, world_size=gpus)
+    assert checks and all(p.fits for p in checks)
 
 
 def test_phases_sharing_max_skip_5_get_the_sum_and_disjoint_ranges():
@@ -51,13 +52,15 @@ def test_phases_sharing_max_skip_5_get_the_sum_and_disjoint_ranges():
     odd = load_stage(3, {"iterations": 1001, "batch_size": 3})
     needs = plan_stage(odd, 1)
     sets, totals = _sets_and_totals(odd, needs)
-    assert all(p.fits for p in check_phase_clips(odd, sets, totals, world_size=1))
+    checks = check_phase_clips(odd, sets, totals, world_size=1)
+    assert checks and all(p.fits for p in checks)
 
 
 def test_more_gpus_than_planned_is_refused_and_fewer_fit():
     stage = load_stage(2, {"iterations": 3000})
     sets, totals = _sets_and_totals(stage, plan_stage(stage, 2))
-    assert all(p.fits for p in check_phase_clips(stage, sets, totals, world_size=1))
+    checks = check_phase_clips(stage, sets, totals, world_size=1)
+    assert checks and all(p.fits for p in checks)
     with pytest.raises(NotEnoughClipsError, match="--gpus G"):
         check_phase_clips(stage, sets, totals, world_size=3)
     # an elastic resume at 2/3 of the run onto 3 GPUs: only the phases left are counted

@@ -250,7 +250,7 @@ def test_slurm_chain_makes_shards_then_trains_with_afterok(slurm, data, tmp_path
     records = slurm.wait_done(train_job_id, timeout=240, log=Path(train_log))
     assert records[0]["JobState"] == "COMPLETED", log_text(Path(train_log))
     shard_tasks = slurm.jobs(shards_job)
-    assert all(r["JobState"] == "COMPLETED" for r in shard_tasks)
+    assert shard_tasks and all(r["JobState"] == "COMPLETED" for r in shard_tasks)
     assert records[0]["StartTime"] >= max(r["EndTime"] for r in shard_tasks)  # afterok held it back
     assert (root / "static" / "manifest.json").is_file()
     assert (runs / "s0" / "stcn_stage0.pth").is_file()
@@ -267,7 +267,8 @@ def test_slurm_chain_whose_shard_job_fails_never_trains_and_says_why(slurm, data
     record = slurm.wait_state(train_job_id, lambda r: r["JobState"] in ("CANCELLED", "PENDING")
                               and r["Reason"] == "DependencyNeverSatisfied", timeout=120)
     assert record["JobState"] == "CANCELLED"
-    assert all(r["JobState"] == "FAILED" for r in slurm.wait_done(shards_job))
+    shard_tasks = slurm.wait_done(shards_job)
+    assert shard_tasks and all(r["JobState"] == "FAILED" for r in shard_tasks)
     assert not Path(train_log).exists() and not (runs / "s0").exists()  # it never ran
     status = slurm.run("bash", str(CHAIN), "status", str(runs), cwd=REPO).stdout
     # The user sees which job failed, where its log is, and why training did not run.

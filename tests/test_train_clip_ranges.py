@@ -123,7 +123,8 @@ def test_check_counts_clips_and_names_the_fix():
     assert allowed[1].times_streamed() == pytest.approx(60 / 40)
     assert "each clip ~1.50 times" in allowed[1].describe()
     # fewer GPUs always fit; weight > 1 never does
-    assert all(p.fits for p in check_phase_clips(stage, sets, totals, world_size=1))
+    checks = check_phase_clips(stage, sets, totals, world_size=1)
+    assert checks and all(p.fits for p in checks)
     heavy = [dict(s, **{"root/davis/skip5": 5.0}) if "root/davis/skip5" in s else s for s in sets]
     assert not phase_clips(stage, heavy, 0, totals, world_size=1).fits
 
