@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the whole demo: minutes of CPU training
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -54,9 +56,11 @@ def test_demo_runs_every_step_and_prints_the_summary(demo):
         scores = json.loads((out / "eval" / name / "results.json").read_text())["scores"]
         saved[name] = (scores["J&F"], scores["without_empty"]["J&F"])
         printed = re.search(rf"    {re.escape(label)}\s+(-?\d+\.\d)\s+(-?\d+\.\d)\n", stdout).groups()
-        assert all(abs(float(p) - v) < 0.051 for p, v in zip(printed, saved[name])), (label, printed, saved[name])
+        assert all(abs(float(p) - v) < 0.051 for p, v in zip(printed, saved[name])), \
+            (label, printed, saved[name])
     # The verdict follows the figures, whichever way they went.
-    learned = all(saved["trained"][k] > saved[o][k] for o in ("untrained", "copy_first_frame") for k in (0, 1))
+    learned = all(saved["trained"][k] > saved[o][k]
+                  for o in ("untrained", "copy_first_frame") for k in (0, 1))
     assert ("verdict: the trained network beats" in stdout) == learned
     assert ("do NOT show that the network learned" in stdout) == (not learned)
     assert f"tensorboard --logdir {out / 'runs'}" in stdout
@@ -103,17 +107,20 @@ def test_report_holds_every_part(demo):
     assert strip.shape[0] >= 4 * 144
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/setup installs it)")
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="needs Debian's chromium (.ci/setup installs it)")
 def test_report_loads_in_a_real_browser(demo):
     """Headless Chromium opens the report from disk (no server): every image decodes and the
     J&F table has its three rows (the page's own load-time check writes the result into it)."""
     out, _ = demo
     page = out / "report" / "index.html"
     images = len(re.findall(r"<img ", page.read_text()))
-    result = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+    result = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                             "--allow-file-access-from-files",
                              "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
                             capture_output=True, text=True, timeout=180)
     check = re.search(r'<p id="self-check" data-ok="(\w+)">([^<]*)</p>', result.stdout)
     assert check, result.stdout[-2000:] + result.stderr[-2000:]
-    assert check.group(2) == f"self-check: images={images} decoded={images} broken=[] jf_rows=3", check.group(2)
+    expected = f"self-check: images={images} decoded={images} broken=[] jf_rows=3"
+    assert check.group(2) == expected, check.group(2)
     assert check.group(1) == "yes"

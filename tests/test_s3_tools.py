@@ -30,6 +30,8 @@ from s3_servers import (
 from stcn.stages import load_stage
 from stcn.trainer import TrainOptions, train
 
+pytestmark = pytest.mark.slow  # end to end on a moto server: shard jobs and training runs
+
 REPO = Path(__file__).resolve().parents[1]
 KEY_ID, SECRET = "AKIDTOOLSLEAK0002", "tools-s3cr3t-never-shown-0002"
 

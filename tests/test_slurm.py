@@ -39,6 +39,7 @@ ALLOW_REPEATS = ["--allow-repeats"] if "--allow-repeats" in _TRAIN_SOURCE else [
 TRAIN_ARGS = ["--batch-size", "1", "--crop", "32", "--workers", "0", "--device", "cpu",
               "--deterministic", "--checkpoint-every", "100000", "--keep-last", "1", "--snapshot-every", "0",
               "--log-every", "1", "--image-every", "0", *FROM_SCRATCH]
+pytestmark = pytest.mark.slow  # real SLURM daemons, shard jobs and training runs
 # One thread per process everywhere: the same arithmetic in and out of SLURM.
 ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 

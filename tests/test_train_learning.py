@@ -23,6 +23,7 @@ pytestmark = [
                        reason="learning benchmark (several CPU minutes): "
                               "set STCN_LEARNING_CHECK=1 to run it"),
     pytest.mark.timeout(3600),
+    pytest.mark.slow,
 ]
 
 SIZE = 64
