@@ -394,6 +394,7 @@ EXIT = {"SIGINT": 130, "SIGTERM": 75, "SIGUSR1": 75}
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGUSR1"])
+@pytest.mark.slow  # trains or runs a shard job in a process
 def test_signal_to_the_process_group_checkpoints_and_resumes_bitwise(train_set, tmp_path, capsys,
                                                                       name, workers):
     run_dir = tmp_path / "run"
@@ -427,6 +428,7 @@ def test_signal_to_the_process_group_checkpoints_and_resumes_bitwise(train_set, 
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+@pytest.mark.slow  # trains or runs a shard job in a process
 def test_second_ctrl_c_aborts_at_once(train_set, tmp_path):
     process, output = start_training(train_args(train_set, tmp_path / "run"))
     try:
@@ -444,6 +446,7 @@ def test_second_ctrl_c_aborts_at_once(train_set, tmp_path):
     assert not list((tmp_path / "run").glob(".checkpoint_*.tmp-*")), "a half-written checkpoint was left"
 
 
+@pytest.mark.slow  # trains or runs a shard job in a process
 def test_huge_lr_diverges_exits_nonzero_and_exports_nothing(train_set, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, text = run_tool_here("train", train_args(train_set, run_dir, 0, 8, "one.yaml", "--lr", "1e6",
@@ -457,6 +460,7 @@ def test_huge_lr_diverges_exits_nonzero_and_exports_nothing(train_set, tmp_path,
                    if t.is_floating_point())
 
 
+@pytest.mark.slow  # trains or runs a shard job in a process
 def test_divergence_never_replaces_the_last_good_checkpoint(train_set, tmp_path, monkeypatch):
     """Losses turn NaN after 2 good steps: the checkpoint due at 4 is not written, the run
     stops as diverged after --max-nonfinite, checkpoint 2 (keep_last 1) survives."""
@@ -483,6 +487,7 @@ def test_divergence_never_replaces_the_last_good_checkpoint(train_set, tmp_path,
     assert [p.name for p in sorted((tmp_path / "run").glob("checkpoint_*.pt"))] == ["checkpoint_000000002.pt"]
 
 
+@pytest.mark.slow  # trains or runs a shard job in a process
 def test_bad_sample_count_accumulates_over_phases_and_resumes(train_set, tmp_path, capsys):
     """One damaged clip in each of 2 shards of 24, two phases of 3 batches of 8 reading
     disjoint ranges of the set (one shard each; the loader tolerates 5%): the logged count
@@ -535,6 +540,7 @@ def set_bytes(out: Path) -> dict[str, bytes]:
         {"manifest.json": (out / "manifest.json").read_bytes()}
 
 
+@pytest.mark.slow  # trains or runs a shard job in a process
 def test_second_job_on_a_set_refuses_and_a_killed_holder_is_taken_over(davis, tmp_path):
     out = tmp_path / "set"
     first = subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards"),

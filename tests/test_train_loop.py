@@ -25,6 +25,8 @@ from stcn.stages import load_stage
 from stcn.trainer import NonFiniteLossError, TrainOptions, train
 from stcn.weights import load_stcn_weights
 
+pytestmark = pytest.mark.slow  # every test here trains (DDP, signals, resume, chains)
+
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 

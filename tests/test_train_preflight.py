@@ -121,6 +121,7 @@ def test_dry_run_prints_configuration_and_plan_and_writes_nothing(tmp_path, skip
     assert bad.returncode == 1 and "--from-scratch" in bad.stdout and "static: missing" in bad.stdout
 
 
+@pytest.mark.slow  # a training run
 def test_short_run_records_config_summary_and_rank_log(tmp_path, skip5_root):
     run_dir = tmp_path / "run"
     stage = load_stage(3, {"iterations": 3, "batch_size": 1, "phases": [{"start": 0.0, "max_skip": 5}]})
