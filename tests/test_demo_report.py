@@ -22,9 +22,11 @@ def fake_demo(root, figures, empty_share=0.0):
     return collect(root)
 
 
-@pytest.mark.parametrize("trained, learned", [((30.0, 25.0), True), ((30.0, 5.0), False), ((8.0, 25.0), False)])
+@pytest.mark.parametrize("trained, learned",
+                         [((30.0, 25.0), True), ((30.0, 5.0), False), ((8.0, 25.0), False)])
 def test_verdict_needs_both_baselines_beaten_on_both_variants(tmp_path, trained, learned):
-    demo = fake_demo(tmp_path, {"trained": trained, "untrained": (2.0, 1.0), "copy_first_frame": (10.0, 10.0)})
+    demo = fake_demo(tmp_path, {"trained": trained, "untrained": (2.0, 1.0),
+                                "copy_first_frame": (10.0, 10.0)})
     assert verdict(demo)[0] is learned
     text = "\n".join(summary_lines(demo))
     assert ("verdict: the trained network beats" in text) is learned
@@ -38,6 +40,7 @@ def test_verdict_needs_both_baselines_beaten_on_both_variants(tmp_path, trained,
 def test_mostly_empty_clips_are_reported(tmp_path):
     demo = fake_demo(tmp_path, {"trained": (30.0, 25.0), "untrained": (2.0, 1.0),
                                 "copy_first_frame": (10.0, 10.0)}, empty_share=0.5)
-    assert "WARNING stage 3: 50% of the 40 clips it streamed had no target object" in "\n".join(summary_lines(demo))
+    summary = "\n".join(summary_lines(demo))
+    assert "WARNING stage 3: 50% of the 40 clips it streamed had no target object" in summary
     assert "Data warning: stage 3: 50% of the 40 clips" in write_report(demo, tmp_path / "report").read_text()
     assert verdict(fake_demo(tmp_path / "missing", {"untrained": (2.0, 1.0)}))[0] is False

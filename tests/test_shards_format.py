@@ -241,9 +241,10 @@ def test_loader_hands_soft_masks_to_the_trainer(workers, tmp_path):
 
 
 def test_image_conventions_have_one_home():
-    import pipelines.synthetic.palette as synthetic_palette
     from shards import contact_sheet
     from shards.images import davis_palette, object_colour, shorter_side_size
+
+    import pipelines.synthetic.palette as synthetic_palette
     from stcn import evaluation
 
     palette = np.frombuffer(davis_palette(), np.uint8).reshape(256, 3)

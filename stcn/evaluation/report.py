@@ -47,7 +47,8 @@ class DemoResults:
     root: Path
     steps: list[dict] = field(default_factory=list)
     scores: dict[str, dict] = field(default_factory=dict)      # evaluation -> results.json
-    curves: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)  # run -> tag -> points
+    # run -> tag -> points
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)   # run -> summary.json
 
     @property
@@ -110,7 +111,8 @@ def jf(demo: DemoResults, name: str, variant: str = "standard") -> float | None:
 def verdict(demo: DemoResults) -> tuple[bool, list[str]]:
     """(learned, one sentence per comparison): trained against untrained and copy, both J&Fs."""
     lines, learned = [], True
-    for variant, wording in (("standard", "standard J&F"), ("without_empty", "J&F without empty-vs-empty frames")):
+    for variant, wording in (("standard", "standard J&F"),
+                             ("without_empty", "J&F without empty-vs-empty frames")):
         trained = jf(demo, "trained", variant)
         for other in ("untrained", "copy_first_frame"):
             value = jf(demo, other, variant)
@@ -148,7 +150,8 @@ def summary_lines(demo: DemoResults, report: Path | None = None) -> list[str]:
     wall = sum(s["wall"] for s in demo.steps)
     cpu = sum(s["cpu"] for s in demo.steps)
     lines = ["=" * 72, f"STCN demo finished in {_mmss(wall)} ({cpu:.0f} CPU seconds)", "  steps:"]
-    lines += [f"    {s['name']:<30} {_mmss(s['wall']):>6}  {s['cpu']:7.1f} CPU s  {s['how']}" for s in demo.steps]
+    lines += [f"    {s['name']:<30} {_mmss(s['wall']):>6}  {s['cpu']:7.1f} CPU s  {s['how']}"
+              for s in demo.steps]
     lines.append("  held-out synthetic DAVIS 2017 val, J&F (%)   standard   without empty-vs-empty")
     for name, label in EVALUATIONS.items():
         standard, without = jf(demo, name), jf(demo, name, "without_empty")
@@ -156,12 +159,14 @@ def summary_lines(demo: DemoResults, report: Path | None = None) -> list[str]:
     learned, comparisons = verdict(demo)
     lines.append("  verdict: " + ("the trained network beats the untrained network and the copy baseline on "
                                   "both J&F variants" if learned else
-                                  "the figures do NOT show that the network learned more than the baselines:"))
+                                  "the figures do NOT show that the network learned more than "
+                                  "the baselines:"))
     lines += [f"    {line}" for line in comparisons]
     lines += [f"  WARNING {w}" for w in data_warnings(demo)]
     trained = demo.scores.get("trained", {})
     if trained:
-        lines.append(f"  inference speed (trained):    {trained.get('fps', 0):.1f} FPS amortised, file IO excluded")
+        lines.append(f"  inference speed (trained):    {trained.get('fps', 0):.1f} FPS amortised, "
+                     "file IO excluded")
     lines.append(f"  TensorBoard:                  {tensorboard_command(demo)}")
     if report is not None:
         lines.append(f"  report:                       {report}")
@@ -201,12 +206,14 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: s
            f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
     for k in range(5):  # y grid and ticks
         y = y0 + k * (y1 - y0) / 4
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>')
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
+                   'stroke="#ddd"/>')
         out.append(f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
     for k in range(5):  # x ticks
         x = x0 + k * (x1 - x0) / 4
         out.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.0f}</text>')
-    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">'
+               f'{html.escape(xlabel)}</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
                'fill="none" stroke="#888"/>')
     for x, label in (dividers or {}).items():
@@ -242,8 +249,8 @@ def curve_plots(demo: DemoResults) -> dict[str, str]:
                 series[name] = [(offset + s, v) for s, v in curves.get(tag, [])]
             offset += max(steps)
         if series:
-            plots[f"curve{n}.svg"] = svg_plot(series, f"training {quantity}", "iteration (stage 0, then stage 3)",
-                                              dividers)
+            plots[f"curve{n}.svg"] = svg_plot(series, f"training {quantity}",
+                                              "iteration (stage 0, then stage 3)", dividers)
     return plots
 
 
@@ -279,7 +286,8 @@ def video_strip(demo: DemoResults, video: str, frames: int = STRIP_FRAMES) -> np
             ids = _read_ids(folder / f"{jpg.stem}.png", rgb.shape[:2])
             tile = overlay(cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR),
                            cv2.resize(ids, size, interpolation=cv2.INTER_NEAREST))
-            cv2.putText(tile, jpg.stem, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+            cv2.putText(tile, jpg.stem, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
+                        cv2.LINE_AA)
             tiles.append(np.pad(tile, ((2, 2), (2, 2), (0, 0)), constant_values=255))
         text = [title.split(" (")[0]] + ([f"({title.split(' (')[1]}"] if " (" in title else [])
         if name is not None:
@@ -349,8 +357,10 @@ def write_report(demo: DemoResults, out, images: bool = True) -> Path:
             continue
         left = scores.get("left_out", {})
         fps = demo.scores[name].get("fps")
-        parts.append(f"<tr><td>{esc(label)}</td><td>{_fmt(scores.get('J&F'))}</td><td>{_fmt(scores.get('J'))}</td>"
-                     f"<td>{_fmt(scores.get('F'))}</td><td>{_fmt(scores.get('without_empty', {}).get('J&F'))}</td>"
+        parts.append(f"<tr><td>{esc(label)}</td><td>{_fmt(scores.get('J&F'))}</td>"
+                     f"<td>{_fmt(scores.get('J'))}</td>"
+                     f"<td>{_fmt(scores.get('F'))}</td>"
+                     f"<td>{_fmt(scores.get('without_empty', {}).get('J&F'))}</td>"
                      f"<td>{left.get('object_frames', '-')} of {left.get('of', '-')}</td>"
                      f"<td>{'-' if not fps else f'{fps:.1f}'}</td></tr>")
     parts.append("</tbody></table><p>The standard J&amp;F counts an object-frame where both the ground truth "
@@ -376,7 +386,8 @@ def write_report(demo: DemoResults, out, images: bool = True) -> Path:
     for label, summary in demo.summaries.items():
         parts.append(f"<p>{esc(label)}: {summary.get('iterations_done')} iterations, status "
                      f"{esc(str(summary.get('status')))}, final loss {_fmt(summary.get('final_loss'))}, "
-                     f"{summary.get('clips_per_s', 0):.1f} clips/s, {summary.get('wall_seconds', 0):.0f} s</p>")
+                     f"{summary.get('clips_per_s', 0):.1f} clips/s, "
+                     f"{summary.get('wall_seconds', 0):.0f} s</p>")
 
     parts.append("<h2>Shard clips</h2><p>The first clips of the shard sets as the trainer reads them "
                  "(tools/inspect_shards draws the same sheets).</p>")
@@ -404,4 +415,5 @@ def write_report(demo: DemoResults, out, images: bool = True) -> Path:
     return page
 
 
-__all__ = ["DemoResults", "collect", "add_step", "write_report", "summary_lines", "verdict", "svg_plot", "video_strip"]
+__all__ = ["DemoResults", "collect", "add_step", "write_report", "summary_lines", "verdict", "svg_plot",
+           "video_strip"]
