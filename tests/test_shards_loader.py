@@ -1,6 +1,5 @@
 """Streaming loader: batches, determinism, equal batches per rank, weighted mixing, exact
 and elastic resumption (ranks simulated in one process), DataLoader workers."""
-import uuid
 from collections import Counter
 
 import numpy as np
@@ -9,19 +8,15 @@ import torch
 
 import shards
 from shards import storage
-from shards.sample_clips import make_clip
+
+from conftest import write_clip_set
 
 SIZE = 16
 
 
 def write_set(n, max_count=7, prefix="v", size=SIZE):
-    root = f"memory://loader-{uuid.uuid4().hex}"
-    rng = np.random.default_rng(len(prefix) + n)
-    with shards.ShardWriter(root, max_count=max_count) as writer:
-        for i in range(n):
-            writer.write(make_clip(rng, f"{prefix}-{i:04d}", size=size, n_objects=2))
-    shards.write_manifest(root, shards.Manifest(shards=writer.infos, config={"n": n}))
-    return root
+    return write_clip_set(n, max_count=max_count, prefix=prefix, size=size,
+                          seed=len(prefix) + n, config={"n": n})
 
 
 @pytest.fixture(scope="module")
