@@ -43,6 +43,24 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def resolve_device(name: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
+    """The torch device of a `--device` value: "auto"/None is CUDA when available, else the
+    CPU; "cuda" is GPU `local_rank` when given (torchrun's LOCAL_RANK), "cuda:N" GPU N, "cpu"
+    the CPU. Asking for CUDA where there is none is a ValueError that says what to use."""
+    if name is None or name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (use --device cpu or auto)")
+        if device.index is None and local_rank is not None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
 def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistributedContext:
     """Read torchrun's environment, pick the device and join the process group if launched by it.
 
@@ -52,15 +70,9 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but CUDA is not available here")
-        torch_device = torch.device("cuda", local_rank if device == "cuda" else torch.device(device).index)
+    torch_device = resolve_device(device, local_rank)
+    if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    else:
-        torch_device = torch.device(device)
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     if launched and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
@@ -116,5 +128,5 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return flag
 
 
-__all__ = ["DistributedContext", "init_distributed", "cleanup", "barrier", "all_reduce_mean",
+__all__ = ["DistributedContext", "resolve_device", "init_distributed", "cleanup", "barrier", "all_reduce_mean",
            "all_reduce_mean_named", "any_rank"]

@@ -37,13 +37,12 @@ from stcn.clip_ranges import PhaseClips
 from stcn.inference import AMP_DTYPES
 from stcn.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
 from stcn.monitor import StepTimer, TrainingMonitor, gpu_memory_gib
-from stcn.network import STCN
 from stcn.online_augment import CROP_MODES, OnlineAugmentation, prepare_batch
 from stcn.preflight import RunPlan, check_run
 from stcn.runrecord import rank_log, resolved_config, write_config, write_summary
 from stcn.seeding import loader_seed, rank_streams, seed_globals
 from stcn.stages import StageConfig, describe_schedule
-from stcn.weights import init_from_imagenet, load_stcn_weights, save_stcn_weights
+from stcn.weights import build_network, save_stcn_weights
 
 #: Exit status meaning "checkpointed on a preemption signal, run me again" (EX_TEMPFAIL).
 PREEMPTED_EXIT_CODE = 75
@@ -270,19 +269,6 @@ def amp_policy(device: torch.device, amp: str) -> AmpPolicy:
     return AmpPolicy(dtype, dtype == torch.float16)
 
 
-def build_network(stage: StageConfig, options: TrainOptions, device: torch.device) -> STCN:
-    net = STCN(single_object=stage.single_object)
-    if options.load_network:
-        load_stcn_weights(net, options.load_network)
-    elif options.imagenet_resnet50 or options.imagenet_resnet18:
-        init_from_imagenet(net, options.imagenet_resnet50, options.imagenet_resnet18)
-    net.freeze_batchnorm(True)
-    net.to(device)
-    if options.channels_last:
-        net.to(memory_format=torch.channels_last)
-    return net
-
-
 def make_optimizer(params: list[torch.nn.Parameter], stage: StageConfig) -> torch.optim.Adam:
     """Adam as published; the fused kernel (same update, far fewer launches) where available."""
     try:
@@ -352,7 +338,10 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self._start_streams()
 
-        self.net = build_network(stage, options, self.device)
+        self.net = build_network(self.device, options.load_network, single_object=stage.single_object,
+                                 imagenet_resnet50=options.imagenet_resnet50,
+                                 imagenet_resnet18=options.imagenet_resnet18,
+                                 channels_last=options.channels_last)
         params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, stage)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(

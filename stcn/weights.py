@@ -11,6 +11,7 @@
   start at zero. Without files the network keeps its random init.
 - ``save_stcn_weights``: the network's ``state_dict()`` is already the official format
   (same names, shapes and order), so saving writes it as-is, atomically.
+- ``build_network``: the network the trainer and the evaluation both start from.
 """
 
 import io
@@ -185,6 +186,32 @@ def init_from_imagenet(net: STCN, resnet50_path: Optional[Source] = None,
     if resnet18_path is not None:
         _load_backbone(net.value_encoder, resnet18_path, {}, "ResNet18")
     return net
+
+
+def build_network(device: torch.device | str, weights: Optional[Source] = None, *,
+                  single_object: bool = False, imagenet_resnet50: Optional[Source] = None,
+                  imagenet_resnet18: Optional[Source] = None, channels_last: bool = False,
+                  random_seed: Optional[int] = None) -> STCN:
+    """The STCN on ``device`` in eval mode (training switches to ``train()``), BatchNorm
+    frozen as published. ``weights``: an STCN checkpoint, loaded strictly (stage 0 widened
+    for multi-object); else the ImageNet backbones when given; else random weights, drawn
+    from the global torch generator or, with ``random_seed``, from that seed alone (the
+    global generator untouched), so random-weight smoke runs repeat."""
+    if not weights and random_seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random_seed)
+            net = STCN(single_object=single_object)
+    else:
+        net = STCN(single_object=single_object)
+    if weights:
+        load_stcn_weights(net, weights)
+    elif imagenet_resnet50 or imagenet_resnet18:
+        init_from_imagenet(net, imagenet_resnet50, imagenet_resnet18)
+    net.freeze_batchnorm(True)
+    net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net.eval()
 
 
 def atomic_torch_save(obj, path: Union[str, os.PathLike]) -> Path:

@@ -44,8 +44,8 @@ def shared_random_network(net):
     """The CLI builds one randomly initialised network per call; share one to keep tests fast."""
     build = evaluation.build_network
 
-    def build_or_share(weights, device):
-        return net if weights is None else build(weights, device)
+    def build_or_share(device, weights=None, **options):
+        return net if weights is None else build(device, weights, **options)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluation, "build_network", build_or_share)

@@ -299,3 +299,59 @@ def test_named_metrics_reduce_across_ranks_in_one_collective():
         figures, collectives = results[rank]
         assert figures == expected and collectives == 1
     assert list(results[1][0]) == ["zeta", "loss", "iou"]  # each rank keeps its own order
+
+
+def _stream_draws(streams) -> tuple:
+    return (streams.global_seed, tuple(streams.sample_rng.integers(2**62, size=4).tolist()),
+            tuple(torch.randint(2**62, (4,), generator=streams.augment_rng).tolist()))
+
+
+def test_rank_streams_stay_distinct_across_an_elastic_resume():
+    from stcn.seeding import loader_seed, rank_streams
+
+    seed, stage = 42, 3
+    draws = {("run", 2, rank): _stream_draws(rank_streams(seed, stage, rank)) for rank in range(2)}
+    # Resumes 2 -> 1 and 2 -> 3 ranks; iteration 1 is where the former arithmetic seeds met
+    # (rank 0 resumed at iteration 1 drew rank 1's augmentation stream of the run before).
+    for at in (1, 2, 3, 500):
+        for world in (1, 3):
+            for rank in range(world):
+                draws[("resume", at, world, rank)] = _stream_draws(rank_streams(seed, stage, rank, at, world))
+    streams = [value for draw in draws.values() for value in (draw[0], *draw[1:])]
+    assert len(set(streams)) == len(streams) == 3 * len(draws)
+    # the same key is the same stream (what an exact resume and a re-run rely on)
+    assert _stream_draws(rank_streams(seed, stage, 0, 500, 1)) == draws[("resume", 500, 1, 0)]
+    loader_seeds = {loader_seed(s, st, phase) for s in (0, 1, 42) for st in range(4) for phase in range(6)}
+    assert len(loader_seeds) == 3 * 4 * 6
+
+
+def test_device_names_resolve_in_one_place():
+    from stcn import evaluation
+    from stcn.distributed import resolve_device
+
+    assert evaluation.resolve_device is resolve_device  # the evaluation's is the same rule
+    with pytest.raises(ValueError, match="--device gpu: not a device"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: CUDA is not available here"):
+            resolve_device("cuda", local_rank=1)
+    else:
+        assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+        assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)
+
+
+def test_one_network_builder_for_training_and_evaluation():
+    from stcn import evaluation
+    from stcn.weights import build_network
+
+    assert evaluation.build_network is build_network
+    before = torch.random.get_rng_state()
+    first, again = (build_network("cpu", random_seed=3) for _ in range(2))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the seed did not touch the global generator
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert not first.training and first.value_encoder.conv1.in_channels == 5
+    stage0 = build_network("cpu", single_object=True)
+    widened = build_network("cpu", stage0.state_dict())  # a stage-0 checkpoint loads widened
+    assert stage0.value_encoder.conv1.in_channels == 4 and widened.value_encoder.conv1.in_channels == 5
+    widened.train()
+    assert all(not m.training for m in widened.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -45,36 +45,12 @@ from stcn.evaluation.datasets import EvalSet, VideoSpec
 from stcn.evaluation.files import DatasetError, read_mask, write_json_atomic, write_mask
 from stcn.evaluation.scoring import score_predictions
 from stcn.inference import InferenceConfig, InferenceCore
-from stcn.network import STCN
-from stcn.weights import load_stcn_weights
 
 RESULTS_FILE = "results.json"
 RESULTS_CSV = "results.csv"
 FINISHED_FILE = "FINISHED"
 RECORDS_DIR = ".records"
 PARTIAL_PREFIX = ".partial-"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" picks CUDA when available, else the CPU; an unusable CUDA request is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} requested but CUDA is not available here")
-    return device
-
-
-def build_network(weights: Path | str | None, device: torch.device | str) -> torch.nn.Module:
-    """The multi-object STCN in eval mode on ``device``, with the checkpoint at ``weights``
-    loaded strictly (stage-0 checkpoints widened), or random weights when None (seeded, so
-    smoke tests are repeatable)."""
-    if weights is None:
-        torch.manual_seed(0)
-    net = STCN(single_object=False)
-    if weights is not None:
-        load_stcn_weights(net, weights)
-    return net.to(device).eval()
 
 
 def format_summary(summary: dict) -> str:
