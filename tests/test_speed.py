@@ -47,6 +47,42 @@ def test_source_jpegs_decode_as_opencv_does():
         decode_image(truncated, "clip.jpg")
 
 
+def test_annotation_pngs_decode_as_pil_does():
+    import io
+
+    from PIL import Image
+
+    from pipelines.sources import decode_ids
+    rng = np.random.default_rng(1)
+    ids = np.zeros((37, 53), np.uint8)
+    ids[5:20, 3:30], ids[18:35, 25:50] = 1, 7
+    ids[rng.random(ids.shape) < 0.05] = 3
+
+    def png(mode, **save):
+        image = Image.fromarray(ids)
+        if mode == "P":
+            image.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", **save)
+        return buffer.getvalue()
+    ok, filtered = cv2.imencode(".png", ids)  # libpng filters the rows
+    cases = {"indexed": png("P"), "indexed, interlaced": png("P", interlace=1),
+             "gray": png("L"), "gray, libpng": filtered.tobytes()}
+    from pipelines.sources.base import _unfiltered_png
+    assert _unfiltered_png(cases["indexed"]) is not None  # the fast path is taken...
+    assert _unfiltered_png(cases["gray, libpng"]) is None  # ...and declined when it must be
+    for name, data in cases.items():
+        expected = np.asarray(Image.open(io.BytesIO(data)))
+        got = decode_ids(data, name)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected), name
+        assert np.array_equal(got, ids), name
+    # a damaged file gives PIL's verdict, not a silent misreading
+    data = bytearray(cases["indexed"])
+    data[len(data) // 2] ^= 0xFF
+    with pytest.raises(Exception):  # noqa: B017 (PIL's own error, whichever it is)
+        decode_ids(bytes(data), "broken.png")
+
+
 def test_bench_pipeline_ours(tmp_path):
     from pipelines.bench import run_benchmark
     lines = []
