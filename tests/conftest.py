@@ -68,3 +68,32 @@ def net():
 
     torch.manual_seed(0)
     return STCN().eval()
+
+
+TRAIN_SIZE = 32  # side of the clips write_train_set makes
+
+
+def write_train_set(url: str, name: str, clips: int, seed: int, online=None, source="davis",
+                    max_skip=5, n_objects: int | None = None) -> str:
+    """A trainer-ready shard set at url: clips synthetic TRAIN_SIZE clips named NAME000-0, ...
+    (objects 1 + i % 3 unless n_objects is given; static ones carry soft masks) in two shards,
+    its manifest recording the source kind, max skip and online steps the trainer checks."""
+    import numpy as np
+
+    import shards
+    from shards.sample_clips import make_clip
+
+    rng = np.random.default_rng(seed)
+    samples = [make_clip(rng, f"{name}{i:03d}-0", size=TRAIN_SIZE,
+                         n_objects=1 + i % 3 if n_objects is None else n_objects)
+               for i in range(clips)]
+    if source == "static":  # static clips carry soft masks (0.9 here) for the value encoder
+        samples = [{**s, "soft": (s["masks"] == 1).astype(np.uint8) * 230} for s in samples]
+    half = clips // 2
+    infos = [shards.write_shard(f"{url}/shard-000000.tar", samples[:half]),
+             shards.write_shard(f"{url}/shard-000001.tar", samples[half:])]
+    config = {"kind": "synthetic", "source": source, "max_skip": max_skip}
+    if online is not None:
+        config["online"] = online
+    shards.write_manifest(url, shards.Manifest(shards=infos, config=config))
+    return url

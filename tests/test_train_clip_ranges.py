@@ -1,13 +1,11 @@
 """Every consumed clip is distinct: phases sharing a set read disjoint ranges (loader and
 trainer), a phase that would repeat clips is refused unless allowed, and this holds after a
 resume and an elastic resume (ranks simulated in one process)."""
-import numpy as np
 import pytest
 
 import shards
-from shards.sample_clips import make_clip
 
-from conftest import write_clip_set
+from conftest import write_clip_set, write_train_set
 from stcn.clip_ranges import NotEnoughClipsError, check_phase_clips, phase_clips, set_range
 from stcn.stages import load_stage
 
@@ -131,14 +129,9 @@ def test_check_counts_clips_and_names_the_fix():
 
 # ------------------------------------------------------------------ the trainer, in process
 
-def _write_train_set(url, name, clips, source, max_skip):
-    rng = np.random.default_rng(abs(hash(url)) % 2**32)
-    samples = [make_clip(rng, f"{name}{i:03d}-0", size=32, n_objects=2) for i in range(clips)]
-    infos = [shards.write_shard(f"{url}/shard-000000.tar", samples[:clips // 2]),
-             shards.write_shard(f"{url}/shard-000001.tar", samples[clips // 2:])]
-    shards.write_manifest(url, shards.Manifest(shards=infos, config={
-        "source": source, "max_skip": max_skip,
-        "online": {"hflip": {"p": 0.5, "per": "clip"}}}))
+def _write_train_set(url, name, clips, source, max_skip, seed):
+    write_train_set(url, name, clips, seed, {"hflip": {"p": 0.5, "per": "clip"}}, source=source,
+                    max_skip=max_skip, n_objects=2)
     return [f"{name}{i:03d}-0" for i in range(clips)]
 
 
@@ -149,7 +142,8 @@ def train_root(tmp_path_factory):
     for source in ("davis", "youtube"):
         for skip, clips in ((5, 6), (10, 4)):
             keys[f"{source}/skip{skip}"] = _write_train_set(
-                str(root / source / f"skip{skip}"), f"{source}{skip}x", clips, source, skip)
+                str(root / source / f"skip{skip}"), f"{source}{skip}x", clips, source, skip,
+                seed=len(keys))
     return root, keys
 
 

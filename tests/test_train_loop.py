@@ -19,6 +19,7 @@ import torch
 import shards
 from shards.sample_clips import make_clip
 
+from conftest import TRAIN_SIZE as SIZE, write_train_set as write_set
 from stcn import trainer as trainer_module
 from stcn.network import STCN
 from stcn.stages import load_stage
@@ -28,22 +29,6 @@ from stcn.weights import load_stcn_weights
 pytestmark = pytest.mark.slow  # every test here trains (DDP, signals, resume, chains)
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 32
-
-
-def write_set(url: str, name: str, clips: int, seed: int, online=None, source="davis", max_skip=5) -> str:
-    rng = np.random.default_rng(seed)
-    samples = [make_clip(rng, f"{name}{i:03d}-0", size=SIZE, n_objects=1 + i % 3) for i in range(clips)]
-    if source == "static":  # static clips carry soft masks (0.9 here) for the value encoder
-        samples = [{**s, "soft": (s["masks"] == 1).astype(np.uint8) * 230} for s in samples]
-    half = clips // 2
-    infos = [shards.write_shard(f"{url}/shard-000000.tar", samples[:half]),
-             shards.write_shard(f"{url}/shard-000001.tar", samples[half:])]
-    config = {"kind": "synthetic", "source": source, "max_skip": max_skip}
-    if online is not None:
-        config["online"] = online
-    shards.write_manifest(url, shards.Manifest(shards=infos, config=config))
-    return url
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Pre-flight, dry run and run records of tools/train (issue: everyday use).
 
-Tiny synthetic shard sets (tests/test_train_loop.write_set); every run is CPU and a few
+Tiny synthetic shard sets (tests/conftest.write_train_set); every run is CPU and a few
 iterations at most.
 """
 
@@ -15,11 +15,11 @@ import yaml
 
 import shards
 
+from conftest import TRAIN_SIZE as SIZE, write_train_set as write_set
 from stcn.preflight import PreflightError, check_run
 from stcn.runrecord import rank_log
 from stcn.stages import load_stage
 from stcn.trainer import TrainOptions, train
-from test_train_loop import SIZE, write_set
 
 REPO = Path(__file__).resolve().parents[1]
 ONLINE = {"hflip": {"p": 0.5, "per": "clip"}}
