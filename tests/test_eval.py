@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import load_tool
 from pipelines.synthetic import make_synthetic
 from stcn import evaluation
 from stcn.evaluation import driver
-from stcn.network import STCN
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (32, 64)
@@ -22,7 +21,7 @@ SIZE = (32, 64)
 
 @pytest.fixture(scope="module")
 def eval_cli():
-    return SourceFileLoader("tools_eval", str(REPO / "tools" / "eval")).load_module()
+    return load_tool("eval")
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +30,6 @@ def data(tmp_path_factory):
     make_synthetic("davis", root / "davis", videos=3, frames=4, objects=2, seed=0, size=SIZE)
     make_synthetic("youtube", root / "youtube", videos=1, frames=11, objects=2, seed=0, size=SIZE)
     return root
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    return STCN().eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,6 +69,7 @@ def pngs(folder: Path):
     return sorted(p.name for p in folder.glob("*.png"))
 
 
+@pytest.mark.slow  # segments whole synthetic sets on CPU
 def test_davis_val_writes_palette_pngs_and_scores(eval_cli, data, tmp_path):
     out = tmp_path / "out"
     result = run(eval_cli, "davis", "--root", data / "davis", "--out", out)
@@ -94,6 +88,7 @@ def test_davis_val_writes_palette_pngs_and_scores(eval_cli, data, tmp_path):
     assert 0 <= scores["J&F"] <= 100 and scores["per_video"][video_dir.name]["J"] is not None
 
 
+@pytest.mark.slow  # segments whole synthetic sets on CPU
 def test_davis_2016_and_test_dev(eval_cli, data, tmp_path):
     result = run(eval_cli, "davis", "--root", data / "davis", "--year", "2016", "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
@@ -109,6 +104,7 @@ def test_davis_2016_and_test_dev(eval_cli, data, tmp_path):
     assert "J&F" in json.loads((tmp_path / "b/scores.json").read_text())
 
 
+@pytest.mark.slow  # segments whole synthetic sets on CPU
 def test_youtube_writes_meta_frames_at_original_size_with_original_ids(data, youtube_runs):
     meta = json.loads((data / "youtube/valid/meta.json").read_text())["videos"]
     video, info = next(iter(meta.items()))
@@ -123,6 +119,7 @@ def test_youtube_writes_meta_frames_at_original_size_with_original_ids(data, you
     assert len(pngs(youtube_runs / "all/Annotations" / video)) == 11
 
 
+@pytest.mark.slow  # segments whole synthetic sets on CPU
 def test_late_objects_follow_their_annotation(data, youtube_runs):
     root = data / "youtube"
     meta = json.loads((root / "valid/meta.json").read_text())["videos"]
@@ -141,6 +138,7 @@ def test_late_objects_follow_their_annotation(data, youtube_runs):
                 assert (predicted[given == object_id] == object_id).all()
 
 
+@pytest.mark.slow  # segments whole synthetic sets on CPU
 def test_score_youtube_against_ground_truth(eval_cli, data, youtube_runs, tmp_path):
     result = run(eval_cli, "score", "--gt", data / "youtube/valid_ground_truth/Annotations",
                  "--pred", youtube_runs / "all/Annotations", "--keep-first-last",
@@ -172,6 +170,7 @@ def test_in_process_api_and_first_frame_baseline(data, net):
     assert net.training is False
 
 
+@pytest.mark.slow  # segments whole synthetic sets on CPU
 def test_rerun_reuses_finished_videos_and_refuses_other_settings(eval_cli, data, tmp_path):
     args = ["davis", "--root", data / "davis", "--out", tmp_path]
     assert run(eval_cli, *args).exit_code == 0
@@ -184,6 +183,7 @@ def test_rerun_reuses_finished_videos_and_refuses_other_settings(eval_cli, data,
     assert result.exit_code == 0 and "reused" not in result.output and (tmp_path / "FINISHED").exists()
 
 
+@pytest.mark.slow  # segments whole synthetic sets on CPU
 def test_interrupted_run_leaves_nothing_looking_complete(data, net, tmp_path, monkeypatch):
     eval_set = evaluation.davis(data / "davis")
     calls = []
@@ -267,6 +267,7 @@ def test_score_reports_missing_prediction(eval_cli, data, tmp_path):
 
 # -- reuse keyed on content, J&F both ways, per-video CSV --------------------------------------
 
+@pytest.mark.slow  # segments whole synthetic sets on CPU
 def test_reuse_needs_the_same_weights_content_and_inputs(data, net, tmp_path):
     """Other weights under the same label are refused (named), a video whose input files
     changed is segmented again, an unchanged rerun reuses."""
@@ -351,6 +352,7 @@ def test_eval_prints_per_video_table_and_writes_it_as_csv(eval_cli, data, tmp_pa
     assert "J&F*" in result.output and "results.csv" in result.output
 
 
+@pytest.mark.slow  # segments whole synthetic sets on CPU
 def test_unscored_sets_get_a_timing_table_and_csv(eval_cli, data, tmp_path):
     import csv
 

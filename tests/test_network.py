@@ -264,6 +264,7 @@ def published_clip(net, frames, first, second, selector):
     return [logits1, logits2], [prob1, prob2]
 
 
+@pytest.mark.slow  # full-size forward/backward passes on CPU
 def test_forward_clip_multi_object_matches_stepwise_composition(multi_net):
     frames, first, second = clip()
     selector = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
@@ -283,6 +284,7 @@ def test_forward_clip_multi_object_matches_stepwise_composition(multi_net):
     assert torch.equal(alone["masks"][1], zero["masks"][1])
 
 
+@pytest.mark.slow  # full-size forward/backward passes on CPU
 def test_forward_clip_single_object_and_determinism(single_net):
     frames, first, _ = clip(seed=4)
     with torch.no_grad():
@@ -297,6 +299,7 @@ def test_forward_clip_single_object_and_determinism(single_net):
         single_net.forward_clip(frames, first, first)
 
 
+@pytest.mark.slow  # full-size forward/backward passes on CPU
 def test_batchnorm_stays_frozen_in_train_mode(single_net):
     net = single_net.train()
     try:

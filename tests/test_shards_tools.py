@@ -70,6 +70,7 @@ def test_verify_reports_problems_and_fails(damage, expect):
     assert expect in result.output
 
 
+@pytest.mark.slow  # writes and reads a .beton file
 def test_ffcv_round_trip(tmp_path):
     pytest.importorskip("ffcv")
     from shards.ffcv_backend import BetonLoader
