@@ -128,5 +128,5 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return flag
 
 
-__all__ = ["DistributedContext", "resolve_device", "init_distributed", "cleanup", "barrier", "all_reduce_mean",
-           "all_reduce_mean_named", "any_rank"]
+__all__ = ["DistributedContext", "resolve_device", "init_distributed", "cleanup", "barrier",
+           "all_reduce_mean", "all_reduce_mean_named", "any_rank"]

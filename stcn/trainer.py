@@ -256,7 +256,8 @@ class AmpPolicy:
     def describe(self) -> str:
         if self.dtype is None:
             return "off (fp32)"
-        return f"{str(self.dtype).removeprefix('torch.')} autocast" + (" with a GradScaler" if self.grad_scaler else "")
+        scaler = " with a GradScaler" if self.grad_scaler else ""
+        return f"{str(self.dtype).removeprefix('torch.')} autocast{scaler}"
 
 
 def amp_policy(device: torch.device, amp: str) -> AmpPolicy:
@@ -413,14 +414,16 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state["stage"]["stage"] != self.stage.stage:
             raise ValueError(
-                f"checkpoint in {self.run_dir} is for stage {state['stage']['stage']}, not {self.stage.stage}: "
+                f"checkpoint in {self.run_dir} is for stage {state['stage']['stage']}, "
+                f"not {self.stage.stage}: "
                 "use a fresh --run-dir per stage and --load-network to start from earlier weights")
         # A field newer than the checkpoint (e.g. schedule_scaling) has no saved value to differ from.
         changed = sorted(k for k, v in self.stage.to_dict().items()
                          if k in state["stage"] and state["stage"][k] != v)
         if changed:
-            warnings.warn(f"resuming with stage settings that differ from the checkpoint's ({', '.join(changed)}); "
-                          "the lr schedule's milestones stay those of the checkpoint")
+            warnings.warn("resuming with stage settings that differ from the checkpoint's "
+                          f"({', '.join(changed)}); "
+                          "the lr schedule's milestones stay those of the checkpoint", stacklevel=2)
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -440,7 +443,8 @@ class Trainer:
             # Elastic resume: the loader re-splits the remaining epoch; random streams restart
             # keyed by the iteration and world size, so no stream repeats.
             warnings.warn(f"resuming a {len(ranks)}-process checkpoint with {self.context.world_size} "
-                          "processes: data position is kept, random streams are reseeded")
+                          "processes: data position is kept, random streams are reseeded",
+                          stacklevel=2)
             self._start_streams(resumed_at=self.iteration)
             # The loader's position (epoch plan and batches delivered) is the same on every rank.
             self.loader_state = ranks[0]["loader"]
@@ -562,7 +566,7 @@ class Trainer:
                                                    targets["classes"][:, index] == 1)
         result["loss"] = total
         result["bootstrap_fraction"] = torch.tensor(fraction)
-        result["logits"] = [l.detach() for l in out["logits"]]
+        result["logits"] = [logits.detach() for logits in out["logits"]]
         return result
 
     # ---------------------------------------------------------------- loop
@@ -686,7 +690,8 @@ class Trainer:
                     if not finite:
                         print(message, flush=True)
                     if options.nan_policy == "stop":
-                        raise NonFiniteLossError(message + "; policy stop (--nan-policy skip skips such steps)")
+                        raise NonFiniteLossError(
+                            message + "; policy stop (--nan-policy skip skips such steps)")
                 else:
                     self.scaler.scale(out["loss"]).backward()
                     self.scaler.step(self.optimizer)
@@ -700,7 +705,8 @@ class Trainer:
                 with warnings.catch_warnings():
                     # The schedule follows iterations, skipped ones included (torch warns when
                     # the very first optimizer step was skipped).
-                    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                    warnings.filterwarnings(
+                        "ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                     self.scheduler.step()
                 self.iteration += 1
                 timer.step_done(frames.shape[0])
@@ -720,7 +726,8 @@ class Trainer:
                 if signalled or stop_after:
                     if not self.save_checkpoint(loader, phase):
                         return self.diverged(monitor, "the weights are not finite")
-                    reason = f"signal {stop_signal.received or 'on another rank'}" if signalled else "--stop-after"
+                    reason = (f"signal {stop_signal.received or 'on another rank'}" if signalled
+                              else "--stop-after")
                     monitor.message(f"checkpointed at iteration {self.iteration} ({reason})")
                     return stop_signal.status if signalled else "stopped"
                 if self.iteration % options.checkpoint_every == 0 or self.iteration == stage.iterations:
@@ -774,11 +781,12 @@ class Trainer:
     def _log_images(self, monitor: TrainingMonitor, frames: torch.Tensor,
                     targets: Mapping[str, torch.Tensor], out: Mapping[str, Any]) -> None:
         gt = targets["classes"]
-        predicted = torch.stack([gt[:, 0]] + [l.argmax(1) for l in out["logits"]], dim=1)
+        predicted = torch.stack([gt[:, 0]] + [logits.argmax(1) for logits in out["logits"]], dim=1)
         monitor.images(self.iteration, frames, gt, predicted)
 
 
-def train(stage: StageConfig, options: TrainOptions, make_clips: Mapping[str, int] | None = None) -> TrainResult:
+def train(stage: StageConfig, options: TrainOptions,
+          make_clips: Mapping[str, int] | None = None) -> TrainResult:
     """Run one stage (see the module docstring); the process group is torn down afterwards.
 
     The pre-flight (`stcn.preflight`) runs first: every problem of every phase is raised as

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from shards.storage import write_bytes_atomic
+
 from stcn.checkpoint import CheckpointManager, capture_rng_states, restore_rng_states
 from stcn.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
 from stcn.online_augment import OnlineAugmentation, prepare_batch
@@ -90,7 +91,8 @@ def test_absent_second_object_is_left_out_of_the_softmax():
     target = torch.randint(0, 2, (1, 4, 4))
     present = torch.tensor([[True, True, False]])
     expected = torch.nn.functional.cross_entropy(logits[:, :2], target)
-    assert bootstrapped_cross_entropy(logits, target, 1.0, present) == pytest.approx(expected.item(), rel=1e-6)
+    loss = bootstrapped_cross_entropy(logits, target, 1.0, present)
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_mask_iou():
@@ -165,7 +167,8 @@ def test_online_steps_are_deterministic_and_flip_frames_with_masks():
             "color_jitter_frame": {}, "grayscale": {"p": 0.5, "per": "clip"}}
     augmentation = OnlineAugmentation.from_spec(spec)
     assert augmentation == OnlineAugmentation.from_spec(
-        ["hflip", {"name": "color_jitter_clip", "hue": 0.05}, "color_jitter_frame", {"name": "grayscale", "p": 0.5}])
+        ["hflip", {"name": "color_jitter_clip", "hue": 0.05}, "color_jitter_frame",
+         {"name": "grayscale", "p": 0.5}])
     a = prepare_batch(frames, masks, augmentation, torch.Generator().manual_seed(3), "cpu")
     soft = torch.randint(0, 256, masks.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     b = prepare_batch(frames, masks, augmentation, torch.Generator().manual_seed(3), "cpu", soft=soft)
@@ -275,7 +278,8 @@ def _reduce_named_on_rank(rank: int, port: int, results) -> None:
         # each rank builds its dict in its own order: the names, not the positions, pair up
         names = ["loss", "iou", "zeta"] if rank == 0 else ["zeta", "loss", "iou"]
         values = {"loss": torch.tensor(1.0 + rank), "iou": torch.tensor(10.0 * rank), "zeta": 4.0 + 2 * rank}
-        results[rank] = (all_reduce_mean_named({n: values[n] for n in names}, torch.device("cpu")), len(calls))
+        reduced = all_reduce_mean_named({n: values[n] for n in names}, torch.device("cpu"))
+        results[rank] = (reduced, len(calls))
     finally:
         dist.all_reduce = reduce
         dist.destroy_process_group()
@@ -288,7 +292,8 @@ def test_named_metrics_reduce_across_ranks_in_one_collective():
 
     from stcn.distributed import all_reduce_mean_named
 
-    assert all_reduce_mean_named({"b": torch.tensor(2.0), "a": 3}, torch.device("cpu")) == {"b": 2.0, "a": 3.0}
+    reduced = all_reduce_mean_named({"b": torch.tensor(2.0), "a": 3}, torch.device("cpu"))
+    assert reduced == {"b": 2.0, "a": 3.0}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
