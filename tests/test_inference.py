@@ -106,6 +106,7 @@ def _reference_labels(net, images, mask, num_objects, mem_every, include_last):
 
 
 @pytest.mark.parametrize("mem_every,include_last", [(2, False), (3, True)])
+@pytest.mark.slow  # whole videos through the network on CPU, some twice
 def test_core_with_large_top_k_equals_full_softmax_rederivation(net, video, mem_every, include_last):
     images, mask = video
     core = InferenceCore(net, InferenceConfig(top_k=10_000, mem_every=mem_every, include_last=include_last))
@@ -172,6 +173,7 @@ def _reference_youtube_labels(net, images, annotations, num_objects, mem_every, 
     return torch.argmax(prob[:, :, 0], dim=0)
 
 
+@pytest.mark.slow  # whole videos through the network on CPU, some twice
 def test_core_with_late_objects_equals_per_object_memory_rederivation(net, video):
     images, mask = video
     late = torch.zeros_like(mask)
@@ -184,6 +186,7 @@ def test_core_with_late_objects_equals_per_object_memory_rederivation(net, video
         assert (torch.from_numpy(result[t]).long() == expected[t]).all(), f"frame {t} differs"
 
 
+@pytest.mark.slow  # whole videos through the network on CPU, some twice
 def test_segmentation_is_deterministic_and_keeps_the_first_mask(net, video):
     images, mask = video
     core = InferenceCore(net, InferenceConfig(mem_every=2, include_last=True))
@@ -194,6 +197,7 @@ def test_segmentation_is_deterministic_and_keeps_the_first_mask(net, video):
     assert (torch.from_numpy(first[0]).long() == mask).all()
 
 
+@pytest.mark.slow  # whole videos through the network on CPU, some twice
 def test_late_object_joins_at_its_frame_without_changing_earlier_frames(net, video):
     images, mask = video
     first_only = (mask == 1).long()
@@ -214,6 +218,7 @@ def test_propagation_starts_at_the_first_annotation_and_only_requested_frames_re
     assert sorted(result) == [2, 5]
 
 
+@pytest.mark.slow  # whole videos through the network on CPU, some twice
 def test_output_is_resized_to_the_requested_size_and_padding_is_undone(net):
     images = torch.randn(3, 3, 20, 40)                   # not multiples of 16: padded to 32x48
     mask = torch.zeros(20, 40, dtype=torch.long)
