@@ -34,6 +34,20 @@ class ResBlock(nn.Module):
         skip = x if self.downsample is None else self.downsample(x)
         return skip + r
 
+    def forward_shared(self, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """forward(cat([x, shared], 1)) for x (N, C1, h, w) and shared (1, C2, h, w), the
+        same for all N: a convolution of a concatenation is the sum of the convolutions of
+        its parts, so the shared part's run once (equal up to float rounding)."""
+        if self.downsample is None:
+            raise ValueError("forward_shared needs a block whose width changes")
+        c = x.shape[1]
+
+        def conv(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            own = F.conv2d(a, layer.weight[:, :c], layer.bias, padding=layer.padding)
+            return own + F.conv2d(b, layer.weight[:, c:], None, padding=layer.padding)
+        r = self.conv2(F.relu(conv(self.conv1, F.relu(x), F.relu(shared))))
+        return conv(self.downsample, x, shared) + r
+
 
 class ChannelGate(nn.Module):
     """CBAM channel attention: a shared MLP on global average- and max-pooled features."""
@@ -86,7 +100,12 @@ class FeatureFusion(nn.Module):
         self.block2 = ResBlock(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor, key_f16: torch.Tensor) -> torch.Tensor:
-        x = self.block1(torch.cat([x, key_f16], dim=1))
+        """key_f16 may have batch 1 for all of x's objects (one frame): its part of the
+        first block's convolutions then runs once (ResBlock.forward_shared)."""
+        if key_f16.shape[0] == 1 and x.shape[0] > 1:
+            x = self.block1.forward_shared(x, key_f16)
+        else:
+            x = self.block1(torch.cat([x, key_f16], dim=1))
         return self.block2(x + self.attention(x))
 
 
@@ -169,8 +188,11 @@ class Decoder(nn.Module):
         self.up_8_4 = UpsampleBlock(256, 256, 256)
         self.pred = nn.Conv2d(256, 1, 3, padding=1)
 
-    def forward(self, f16: torch.Tensor, f8: torch.Tensor, f4: torch.Tensor) -> torch.Tensor:
-        x = self.compress(f16)
+    def forward(self, f16: torch.Tensor, f8: torch.Tensor, f4: torch.Tensor,
+                f16_shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """f16 (N, 1024, ...) or, with f16_shared (1, 512, ...) the second half shared by
+        all N (the query's own value at inference), f16 (N, 512, ...): see forward_shared."""
+        x = self.compress(f16) if f16_shared is None else self.compress.forward_shared(f16, f16_shared)
         x = self.up_16_8(f8, x)
         x = self.up_8_4(f4, x)
         x = self.pred(F.relu(x))

@@ -104,7 +104,8 @@ class STCN(nn.Module):
                                   for i in range(k)], dim=1)
         per_object = torch.stack([masks, others], dim=2).flatten(0, 1)      # B*K, 2, H, W
         frame = frame.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
-        f16 = f16.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
+        if b > 1:  # one frame (b == 1): f16 stays shared, its convolutions run once
+            f16 = f16.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
         value = self.value_encoder(frame, f16, per_object)                   # B*K, 512, h, w
         return value.view(b, k, *value.shape[1:]).unsqueeze(3)
 
@@ -122,6 +123,17 @@ class STCN(nn.Module):
         if f8.shape[0] not in (1, n) or f4.shape[0] not in (1, n):
             raise ValueError(f"f8/f4 batches {f8.shape[0]}/{f4.shape[0]}: expected 1 or {n}")
         return self.decoder(readout_and_query_value, f8, f4)
+
+    def decode_objects(self, readouts: torch.Tensor, query_value: torch.Tensor,
+                       f8: torch.Tensor, f4: torch.Tensor) -> torch.Tensor:
+        """``decode(cat([readouts, query_value expanded], 1), f8, f4)`` for readouts
+        (N, 512, h, w) and the frame's query value (1, 512, h, w), without expanding it:
+        the decoder's first block convolves the query half once for all N objects
+        (measured ~5% of a 3-object CPU inference), equal up to float rounding."""
+        if f8.shape[0] not in (1, readouts.shape[0]) or f4.shape[0] not in (1, readouts.shape[0]):
+            raise ValueError(f"f8/f4 batches {f8.shape[0]}/{f4.shape[0]}: expected 1 or "
+                             f"{readouts.shape[0]}")
+        return self.decoder(readouts, f8, f4, f16_shared=query_value)
 
     def segment(self, qk16: torch.Tensor, qv16: torch.Tensor, qf8: torch.Tensor,
                 qf4: torch.Tensor, mk16: torch.Tensor, mv16: torch.Tensor,

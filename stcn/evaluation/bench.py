@@ -78,12 +78,13 @@ class OursInference:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         masks = self.core.segment(self.video, self.annotation, self.objects)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         result = {"frames": self.frames, "seconds": seconds, "fps": self.frames / seconds,
+                  "cpu_seconds": time.process_time() - start_cpu,
                   "device": str(device), "amp": self.config.amp, "size": list(self.size),
                   "objects": self.objects}
         if device.type == "cuda":
@@ -219,12 +220,13 @@ def _published_child(checkout, weights, frames, objects, size, top_k, mem_every,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         labels = segment(frames)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         result = {"frames": frames, "seconds": seconds, "fps": frames / seconds,
+                  "cpu_seconds": time.process_time() - start_cpu,
                   "device": str(device), "amp": "fp16" if amp else None, "size": list(size),
                   "objects": objects}
         if device.type == "cuda":
@@ -265,7 +267,7 @@ def compare_inference(net: torch.nn.Module, config: InferenceConfig = InferenceC
     and weights, alternating `rounds` timed runs each after a warm-up; each side's figure
     is its median round. Returns {"ours": result, "published": result or None, "ratio":
     ours FPS / published FPS or None, "masks_equal": bool or None (every label map of the
-    first round equal)}."""
+    first round equal), "cpu_ratio": published CPU seconds / ours}."""
     ours = OursInference(net, config, frames=frames, objects=objects, size=size)
     pub = (PublishedInference(published, net, config, frames=frames, objects=objects,
                               size=size, threads=threads, torchvision_dir=torchvision_dir)
@@ -283,10 +285,14 @@ def compare_inference(net: torch.nn.Module, config: InferenceConfig = InferenceC
     def median(runs):
         best = sorted(runs, key=lambda x: x["fps"])[len(runs) // 2]
         return {k: v for k, v in best.items() if k != "masks"}
-    result = {"ours": median(ours_runs), "published": None, "ratio": None, "masks_equal": None}
+    result = {"ours": median(ours_runs), "published": None, "ratio": None, "cpu_ratio": None,
+              "masks_equal": None}
     if pub_runs:
         result["published"] = median(pub_runs)
         result["ratio"] = result["ours"]["fps"] / result["published"]["fps"]
+        # CPU seconds of each process: on a shared machine, the steadier figure
+        result["cpu_ratio"] = (result["published"]["cpu_seconds"]
+                               / max(result["ours"]["cpu_seconds"], 1e-9))
         a, b = ours_runs[0]["masks"], pub_runs[0]["masks"]
         result["masks_equal"] = bool(a.shape == b.shape and np.array_equal(a, b))
         result["masks_differing_pixels"] = int((a != b).sum()) if a.shape == b.shape else None
