@@ -37,6 +37,7 @@ def test_every_tool_has_a_console_command():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # pip installs the package into a fresh venv
 def test_installed_commands_run_outside_the_checkout(tmp_path):
     """pip install . into a fresh venv, then each command's --help from another folder runs
     the installed copy (not the checkout)."""

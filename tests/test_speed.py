@@ -107,6 +107,7 @@ def test_bench_pipeline_against_the_published_loader(tmp_path):
     assert all("published" in line and "ratio x" in line for line in lines)
 
 
+@pytest.mark.slow  # times training and inference steps
 def test_bench_gpu_cpu_run_prints_one_table(tmp_path):
     """The GPU benchmark's functional check on CPU, tiny sizes: one training figure (the
     difference of a 1-step and a 2-step run) and CPU inference, in one table."""

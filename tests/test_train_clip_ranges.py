@@ -176,6 +176,7 @@ def _options(run_dir, root, **changes):
     return TrainOptions(**base)
 
 
+@pytest.mark.slow  # training runs
 def test_trainer_phases_read_disjoint_ranges_and_resume_without_repeats(tmp_path, train_root,
                                                                          monkeypatch):
     from stcn.trainer import train
