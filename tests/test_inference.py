@@ -238,6 +238,7 @@ def test_pad_and_unpad_round_trip():
     assert torch.equal(unpad(padded, pads), x)
 
 
+@pytest.mark.slow  # four whole-video segmentations on CPU
 def test_bounded_memory_changes_nothing_while_under_the_bound(net, video):
     images, mask = video
     unbounded = InferenceCore(net, InferenceConfig(mem_every=1)).segment(images, [Annotation(0, mask)], 2)
