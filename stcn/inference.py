@@ -33,6 +33,15 @@ from stcn.memory import MemoryBank
 
 PAD_MULTIPLE = 16
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+#: The --amp values every tool accepts (tools/train uses the same three).
+AMP_MODES = ("off", *AMP_DTYPES)
+
+
+def amp_dtype_of(mode: str) -> str | None:
+    """An --amp value as InferenceConfig.amp: None for "off", else the dtype name."""
+    if mode not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {AMP_MODES}, got {mode!r}")
+    return None if mode == "off" else mode
 
 
 @dataclass(frozen=True)
