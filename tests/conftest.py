@@ -22,6 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's CPU thread count in this process (the benchmarks do) leaves
+    it as it found it: thread counts change float results, and bitwise tests compare runs."""
+    torch = sys.modules.get("torch")  # never imported here: see the module docstring
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 def load_tool(name: str):
     """The script tools/NAME as a module (its `__main__` block does not run), loaded the way
     its console command stcn-NAME loads it: through tools/__init__.py, the package that

@@ -385,6 +385,13 @@ def start_training(args: list[str]) -> tuple[subprocess.Popen, Output]:
     return process, Output(process)
 
 
+def run_training(args: list[str]) -> tuple[int, str]:
+    """tools/train to the end in its own process, as start_training starts it: (exit, output)."""
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train"), *args], env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    return done.returncode, done.stdout
+
+
 def checkpoint_weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
@@ -395,8 +402,8 @@ EXIT = {"SIGINT": 130, "SIGTERM": 75, "SIGUSR1": 75}
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGUSR1"])
 @pytest.mark.slow  # trains or runs a shard job in a process
-def test_signal_to_the_process_group_checkpoints_and_resumes_bitwise(train_set, tmp_path, capsys,
-                                                                      name, workers):
+def test_signal_to_the_process_group_checkpoints_and_resumes_bitwise(train_set, tmp_path, name,
+                                                                      workers):
     run_dir = tmp_path / "run"
     process, output = start_training(train_args(train_set, run_dir, workers))
     try:
@@ -416,12 +423,14 @@ def test_signal_to_the_process_group_checkpoints_and_resumes_bitwise(train_set, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == ("interrupted" if name == "SIGINT" else "preempted")
 
-    # resume one more iteration; an uninterrupted run to the same iteration must match bit for bit
-    code, text = run_tool_here("train", train_args(train_set, run_dir, workers, 400, "one.yaml",
-                                                   "--stop-after", stopped + 1), capsys)
+    # resume one more iteration; an uninterrupted run to the same iteration must match bit for
+    # bit. Both run in fresh processes like the interrupted one: in this process, tests that ran
+    # before may have left other CPU settings (thread counts), which change float results.
+    code, text = run_training(train_args(train_set, run_dir, workers, 400, "one.yaml",
+                                         "--stop-after", stopped + 1))
     assert code == 0 and f"resumed from {checkpoints[0]}" in text, text
-    code, text = run_tool_here("train", train_args(train_set, tmp_path / "whole", workers, 400,
-                                                   "one.yaml", "--stop-after", stopped + 1), capsys)
+    code, text = run_training(train_args(train_set, tmp_path / "whole", workers, 400,
+                                         "one.yaml", "--stop-after", stopped + 1))
     assert code == 0, text
     name_ = f"checkpoint_{stopped + 1:09d}.pt"
     resumed, whole = checkpoint_weights(run_dir / name_), checkpoint_weights(tmp_path / "whole" / name_)
