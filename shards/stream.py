@@ -15,7 +15,9 @@ planned samples the loader stops with `BadDataError`.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing
 import signal
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -46,6 +48,25 @@ def _ignore_stop_signals(worker_id: int) -> None:
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _kill_daemonic_children() -> None:
+    """At interpreter exit multiprocessing ends daemonic children (loader workers) with
+    SIGTERM, which our workers ignore: a loader still referenced at exit would make the exit
+    wait for them forever. End them with SIGKILL first (registered after multiprocessing's
+    own exit hook, so it runs before it)."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if not children:
+        return
+    if hasattr(signal, "SIGCHLD"):  # torch's SIGCHLD handler would raise for each killed worker
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
+atexit.register(_kill_daemonic_children)
 
 
 @contextlib.contextmanager
