@@ -80,6 +80,17 @@ def _stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _decodes(members: dict[str, bytes] | None) -> bool:
+    """Whether a sample read from a shard (None: unreadable) decodes."""
+    if members is None:
+        return False
+    try:
+        decode_sample(members)
+    except SampleDecodeError:
+        return False
+    return True
+
+
 class BadDataError(RuntimeError):
     """More bad samples than the loader's max_bad_fraction allows."""
 
@@ -364,20 +375,12 @@ class _StreamRun:
         take one from the shuffle buffer if it holds one that decodes, else read on until
         one decodes. What is read stays held and is emitted in its turn."""
         for members, _ in held.values():
-            if members is not None:
-                try:
-                    decode_sample(members)
-                except SampleDecodeError:
-                    continue
+            if _decodes(members):
                 self.last_good = members
                 return
         for got, members, where in reader:
             held[got] = (members, where)
-            if members is not None:
-                try:
-                    decode_sample(members)
-                except SampleDecodeError:
-                    continue
+            if _decodes(members):
                 self.last_good = members
                 return
 

@@ -34,6 +34,20 @@ def _torch_threads_restored():
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def proxy():
+    """A moto S3 server on 127.0.0.1 behind a fault-injecting proxy, with bucket "bkt", and
+    shards.storage pointed at it (the object-storage tests)."""
+    from s3_servers import FaultProxy, make_bucket, moto_server, storage_configured
+
+    with moto_server() as endpoint:
+        proxy = FaultProxy(endpoint)
+        with storage_configured(proxy.url):
+            make_bucket("bkt")
+            yield proxy
+        proxy.close()
+
+
 def load_tool(name: str):
     """The script tools/NAME as a module (its `__main__` block does not run), loaded the way
     its console command stcn-NAME loads it: through tools/__init__.py, the package that

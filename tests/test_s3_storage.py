@@ -23,9 +23,6 @@ from shards.sample_clips import make_clip
 from shards.verify import verify_shard_set
 
 from s3_servers import (
-    FaultProxy,
-    make_bucket,
-    moto_server,
     range_http_server,
     storage_configured,
     storage_env,
@@ -35,16 +32,6 @@ from s3_servers import (
 REPO = Path(__file__).resolve().parents[1]
 SHARDS, PER_SHARD = 6, 4
 KEY_ID, SECRET = "AKIDLEAKCHECK0001", "s3cr3t-never-shown-0001"
-
-
-@pytest.fixture(scope="module")
-def proxy():
-    with moto_server() as endpoint:
-        proxy = FaultProxy(endpoint)
-        with storage_configured(proxy.url):
-            make_bucket("bkt")
-            yield proxy
-        proxy.close()
 
 
 @pytest.fixture(autouse=True)

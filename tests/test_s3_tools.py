@@ -20,10 +20,6 @@ from shards.sample_clips import make_clip
 from s3_servers import (
     CREDENTIALS,
     FAST_RETRIES,
-    FaultProxy,
-    make_bucket,
-    moto_server,
-    storage_configured,
     storage_env,
     wait_for,
 )
@@ -34,16 +30,6 @@ pytestmark = pytest.mark.slow  # end to end on a moto server: shard jobs and tra
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ID, SECRET = "AKIDTOOLSLEAK0002", "tools-s3cr3t-never-shown-0002"
-
-
-@pytest.fixture(scope="module")
-def proxy():
-    with moto_server() as endpoint:
-        proxy = FaultProxy(endpoint)
-        with storage_configured(proxy.url):
-            make_bucket("bkt")
-            yield proxy
-        proxy.close()
 
 
 @pytest.fixture(autouse=True)
