@@ -1,6 +1,6 @@
 """How many clips, in which shard sets, a published training stage needs, and their size.
 
-The stage schedule itself lives with the trainer (`stcn.stages`); `tools/make_shards plan`
+The stage schedule itself lives with the trainer (`stcn.train.stages`); `tools/make_shards plan`
 passes it in, so this module only needs its shape: iterations, batch size, per source
 weights, the max-skip phases and `set_range` (duck-typed, no import of stcn).
 

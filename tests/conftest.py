@@ -90,7 +90,7 @@ def net():
     """A randomly initialised multi-object STCN (torch seed 0), in eval mode."""
     import torch
 
-    from stcn.network import STCN
+    from stcn.model.network import STCN
 
     torch.manual_seed(0)
     return STCN().eval()

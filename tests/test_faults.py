@@ -28,7 +28,7 @@ from shards.lease import Lease, LeaseHeld
 from shards.sample_clips import make_clip
 
 from conftest import load_tool
-from stcn.checkpoint import (
+from stcn.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng_states,
@@ -128,8 +128,8 @@ def test_crafted_checkpoint_as_resume_path_names_the_file(tmp_path):
 
 
 def test_crafted_weights_for_load_network_and_eval_model_never_run(tmp_path, capsys):
-    from stcn.network import STCN
-    from stcn.weights import CheckpointError as WeightsError, load_stcn_weights
+    from stcn.model.network import STCN
+    from stcn.model.weights import CheckpointError as WeightsError, load_stcn_weights
 
     marker = tmp_path / "payload-ran"
     path = tmp_path / "weights.pth"
@@ -480,9 +480,9 @@ def test_huge_lr_diverges_exits_nonzero_and_exports_nothing(train_set, tmp_path,
 def test_divergence_never_replaces_the_last_good_checkpoint(train_set, tmp_path, monkeypatch):
     """Losses turn NaN after 2 good steps: the checkpoint due at 4 is not written, the run
     stops as diverged after --max-nonfinite, checkpoint 2 (keep_last 1) survives."""
-    from stcn import trainer as trainer_module
-    from stcn.stages import resolve_stage
-    from stcn.trainer import TrainOptions, train
+    from stcn.train import trainer as trainer_module
+    from stcn.train.stages import resolve_stage
+    from stcn.train.trainer import TrainOptions, train
 
     real = trainer_module.bootstrapped_cross_entropy
     calls = []

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from stcn.aggregate import aggregate
-from stcn.inference import Annotation, InferenceConfig, InferenceCore, pad_to_multiple, unpad
-from stcn.memory import MemoryBank
-from stcn.memory_ops import get_affinity, readout, softmax_full
+from stcn.inference.core import Annotation, InferenceConfig, InferenceCore, pad_to_multiple, unpad
+from stcn.inference.memory import MemoryBank
+from stcn.model.aggregate import aggregate
+from stcn.model.memory_ops import get_affinity, readout, softmax_full
 
 H, W = 32, 64          # multiples of 16: 2x4 memory positions per frame
 

@@ -14,10 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from stcn import memory_ops, resnet
-from stcn.aggregate import aggregate, aggregate_logits
-from stcn.network import STCN
-from stcn.weights import CheckpointError, init_from_imagenet, load_stcn_weights, save_stcn_weights
+from stcn.model import memory_ops, resnet
+from stcn.model.aggregate import aggregate, aggregate_logits
+from stcn.model.network import STCN
+from stcn.model.weights import (
+    CheckpointError,
+    init_from_imagenet,
+    load_stcn_weights,
+    save_stcn_weights,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"

@@ -191,7 +191,7 @@ def test_pipelines_never_import_torch():
 def test_trainer_reads_the_online_steps():
     """The manifest's `online` entry is the contract with the trainer's device-side steps."""
     from pipelines.augment import ONLINE_STATIC, ONLINE_VIDEO
-    from stcn.online_augment import OnlineAugmentation
+    from stcn.train.online_augment import OnlineAugmentation
     video = OnlineAugmentation.from_spec(ONLINE_VIDEO)
     assert video.flip_p == 0.5 and video.grayscale_p == 0.05
     assert (video.clip_jitter.brightness, video.clip_jitter.contrast) == (0.1, 0.03)

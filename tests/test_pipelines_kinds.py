@@ -124,7 +124,7 @@ def test_an_unregistered_kind_is_refused_by_name(tmp_path):
 
 
 def test_the_plan_sizes_a_registered_kind(toy_kind):
-    from stcn.stages import load_stage
+    from stcn.train.stages import load_stage
     assert SOURCE_ITEMS["toy"] == 7 and BYTES_PER_CLIP["toy"] == 12_345
     assert "toy" in SOURCE_ITEMS and "toy" in dict(BYTES_PER_CLIP)
     stage = dataclasses.replace(load_stage(1, {"iterations": 100}),

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.plan import SOURCE_ITEMS, format_plan, per_set, plan_stage
-from stcn.clip_ranges import NotEnoughClipsError, check_phase_clips
-from stcn.stages import load_stage
+from stcn.train.clip_ranges import NotEnoughClipsError, check_phase_clips
+from stcn.train.stages import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
 

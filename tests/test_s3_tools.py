@@ -23,8 +23,8 @@ from s3_servers import (
     storage_env,
     wait_for,
 )
-from stcn.stages import load_stage
-from stcn.trainer import TrainOptions, train
+from stcn.train.stages import load_stage
+from stcn.train.trainer import TrainOptions, train
 
 pytestmark = pytest.mark.slow  # end to end on a moto server: shard jobs and training runs
 

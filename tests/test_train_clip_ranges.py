@@ -6,8 +6,8 @@ import pytest
 import shards
 
 from conftest import write_clip_set, write_train_set
-from stcn.clip_ranges import NotEnoughClipsError, check_phase_clips, phase_clips, set_range
-from stcn.stages import load_stage
+from stcn.train.clip_ranges import NotEnoughClipsError, check_phase_clips, phase_clips, set_range
+from stcn.train.stages import load_stage
 
 SIZE = 16
 
@@ -155,7 +155,7 @@ def _three_phases(iterations):
 
 
 def _record_keys(monkeypatch):
-    from stcn import trainer as trainer_module
+    from stcn.train import trainer as trainer_module
     seen = []
     real = trainer_module.Trainer.batches
 
@@ -168,7 +168,7 @@ def _record_keys(monkeypatch):
 
 
 def _options(run_dir, root, **changes):
-    from stcn.trainer import TrainOptions
+    from stcn.train.trainer import TrainOptions
     base = dict(run_dir=str(run_dir), shards=str(root), device="cpu", workers=0, crop=32,
                 deterministic=True, checkpoint_every=100, log_every=1, image_every=0,
                 progress=False, seed=3, rank_logs=False)
@@ -179,7 +179,7 @@ def _options(run_dir, root, **changes):
 @pytest.mark.slow  # training runs
 def test_trainer_phases_read_disjoint_ranges_and_resume_without_repeats(tmp_path, train_root,
                                                                          monkeypatch):
-    from stcn.trainer import train
+    from stcn.train.trainer import train
     root, keys = train_root
     stage = _three_phases(4)   # phases [0, 2), [2, 3), [3, 4)
     seen = _record_keys(monkeypatch)
@@ -198,9 +198,9 @@ def test_trainer_phases_read_disjoint_ranges_and_resume_without_repeats(tmp_path
 
 def test_trainer_refuses_a_phase_that_would_repeat_clips(tmp_path, train_root, monkeypatch):
     """Checked at start for the phases to come (not hours in), exactly for the current one."""
-    from stcn import monitor
-    from stcn.clip_ranges import NotEnoughClipsError
-    from stcn.trainer import Trainer
+    from stcn.train import monitor
+    from stcn.train.clip_ranges import NotEnoughClipsError
+    from stcn.train.trainer import Trainer
     root, _ = train_root
 
     def two_phases(iterations):  # skip 5 (2 x 6 clips), then skip 10 (2 x 4 clips)

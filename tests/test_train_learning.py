@@ -33,10 +33,10 @@ def test_short_run_learns_and_beats_the_untrained_network(tmp_path):
     from pipelines.driver import JobConfig, run_job
     from pipelines.synthetic import make_synthetic
     from stcn.evaluation import copy_first_frame_baseline, evaluate_davis
-    from stcn.network import STCN
-    from stcn.stages import load_stage
-    from stcn.trainer import TrainOptions, train
-    from stcn.weights import load_stcn_weights
+    from stcn.model.network import STCN
+    from stcn.model.weights import load_stcn_weights
+    from stcn.train.stages import load_stage
+    from stcn.train.trainer import TrainOptions, train
 
     iterations = int(os.environ.get("STCN_LEARNING_ITERATIONS", "200"))
     davis = make_synthetic("davis", tmp_path / "davis", videos=6, frames=12, objects=2,

@@ -20,11 +20,11 @@ import shards
 from shards.sample_clips import make_clip
 
 from conftest import TRAIN_SIZE as SIZE, write_train_set as write_set
-from stcn import trainer as trainer_module
-from stcn.network import STCN
-from stcn.stages import load_stage
-from stcn.trainer import NonFiniteLossError, TrainOptions, train
-from stcn.weights import load_stcn_weights
+from stcn.model.network import STCN
+from stcn.model.weights import load_stcn_weights
+from stcn.train import trainer as trainer_module
+from stcn.train.stages import load_stage
+from stcn.train.trainer import NonFiniteLossError, TrainOptions, train
 
 pytestmark = pytest.mark.slow  # every test here trains (DDP, signals, resume, chains)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stcn.preflight import PreflightError, check_run
-from stcn.stages import STAGES, describe_schedule, load_stage, resolve_stage
-from stcn.trainer import AMP_MODES, TrainOptions, amp_policy, train
+from stcn.train.preflight import PreflightError, check_run
+from stcn.train.stages import STAGES, describe_schedule, load_stage, resolve_stage
+from stcn.train.trainer import AMP_MODES, TrainOptions, amp_policy, train
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")

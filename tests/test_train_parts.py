@@ -10,11 +10,11 @@ import yaml
 
 from shards.storage import write_bytes_atomic
 
-from stcn.checkpoint import CheckpointManager, capture_rng_states, restore_rng_states
-from stcn.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
-from stcn.online_augment import OnlineAugmentation, prepare_batch
-from stcn.stages import STAGES, load_stage
-from stcn.trainer import clip_targets, select_objects
+from stcn.train.checkpoint import CheckpointManager, capture_rng_states, restore_rng_states
+from stcn.train.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
+from stcn.train.online_augment import OnlineAugmentation, prepare_batch
+from stcn.train.stages import STAGES, load_stage
+from stcn.train.trainer import clip_targets, select_objects
 
 
 # ----------------------------------------------------------------------------- stages
@@ -255,7 +255,7 @@ def test_rng_states_round_trip():
 
 
 def test_auto_device_is_cuda_when_available_else_cpu(monkeypatch):
-    from stcn.distributed import init_distributed
+    from stcn.train.distributed import init_distributed
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
@@ -268,7 +268,7 @@ def test_auto_device_is_cuda_when_available_else_cpu(monkeypatch):
 def _reduce_named_on_rank(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    from stcn.distributed import all_reduce_mean_named
+    from stcn.train.distributed import all_reduce_mean_named
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     calls = []
@@ -290,7 +290,7 @@ def test_named_metrics_reduce_across_ranks_in_one_collective():
 
     import torch.multiprocessing as mp
 
-    from stcn.distributed import all_reduce_mean_named
+    from stcn.train.distributed import all_reduce_mean_named
 
     reduced = all_reduce_mean_named({"b": torch.tensor(2.0), "a": 3}, torch.device("cpu"))
     assert reduced == {"b": 2.0, "a": 3.0}
@@ -312,7 +312,7 @@ def _stream_draws(streams) -> tuple:
 
 
 def test_rank_streams_stay_distinct_across_an_elastic_resume():
-    from stcn.seeding import loader_seed, rank_streams
+    from stcn.train.seeding import loader_seed, rank_streams
 
     seed, stage = 42, 3
     draws = {("run", 2, rank): _stream_draws(rank_streams(seed, stage, rank)) for rank in range(2)}
@@ -332,7 +332,7 @@ def test_rank_streams_stay_distinct_across_an_elastic_resume():
 
 def test_device_names_resolve_in_one_place():
     from stcn import evaluation
-    from stcn.distributed import resolve_device
+    from stcn.train.distributed import resolve_device
 
     assert evaluation.resolve_device is resolve_device  # the evaluation's is the same rule
     with pytest.raises(ValueError, match="--device gpu: not a device"):
@@ -347,7 +347,7 @@ def test_device_names_resolve_in_one_place():
 
 def test_one_network_builder_for_training_and_evaluation():
     from stcn import evaluation
-    from stcn.weights import build_network
+    from stcn.model.weights import build_network
 
     assert evaluation.build_network is build_network
     before = torch.random.get_rng_state()

@@ -16,10 +16,10 @@ import yaml
 import shards
 
 from conftest import TRAIN_SIZE as SIZE, write_train_set as write_set
-from stcn.preflight import PreflightError, check_run
-from stcn.runrecord import rank_log
-from stcn.stages import load_stage
-from stcn.trainer import TrainOptions, train
+from stcn.train.preflight import PreflightError, check_run
+from stcn.train.runrecord import rank_log
+from stcn.train.stages import load_stage
+from stcn.train.trainer import TrainOptions, train
 
 REPO = Path(__file__).resolve().parents[1]
 ONLINE = {"hflip": {"p": 0.5, "per": "clip"}}

@@ -7,7 +7,6 @@ inference, scores with vos-benchmark when ground truth exists and saves ``result
 trainer and the demo use for held-out J&F.
 """
 
-from stcn.distributed import resolve_device
 from stcn.evaluation.datasets import EvalSet, VideoSpec, davis, generic, load_video, youtube
 from stcn.evaluation.driver import (
                                    copy_first_frame_baseline,
@@ -20,7 +19,8 @@ from stcn.evaluation.driver import (
 )
 from stcn.evaluation.files import DatasetError, davis_palette, write_json_atomic
 from stcn.evaluation.scoring import score_predictions
-from stcn.weights import build_network  # the network builder and the device rule have one home each
+from stcn.model.weights import build_network  # one home each: the network builder, the device rule
+from stcn.train.distributed import resolve_device
 
 __all__ = ["DatasetError", "EvalSet", "VideoSpec", "build_network", "copy_first_frame_baseline",
            "davis", "davis_palette", "evaluate_davis", "format_scores", "format_summary", "generic",

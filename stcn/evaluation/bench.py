@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stcn.inference import Annotation, InferenceConfig, InferenceCore
+from stcn.inference.core import Annotation, InferenceConfig, InferenceCore
 
 
 def synthetic_video(frames: int, objects: int, size: tuple[int, int], seed: int = 0):

@@ -42,7 +42,7 @@ from stcn.evaluation.files import (
     resize_frames,
     resize_labels,
 )
-from stcn.inference import Annotation
+from stcn.inference.core import Annotation
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from stcn.evaluation import datasets
 from stcn.evaluation.datasets import EvalSet, VideoSpec
 from stcn.evaluation.files import DatasetError, read_mask, write_json_atomic, write_mask
 from stcn.evaluation.scoring import score_predictions
-from stcn.inference import InferenceConfig, InferenceCore
+from stcn.inference.core import InferenceConfig, InferenceCore
 
 RESULTS_FILE = "results.json"
 RESULTS_CSV = "results.csv"

@@ -19,7 +19,7 @@ from PIL import Image
 from shards.images import davis_palette
 from shards.storage import write_bytes_atomic
 
-from stcn.online_augment import IMAGENET_MEAN, IMAGENET_STD
+from stcn.model.inputs import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

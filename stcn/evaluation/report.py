@@ -129,7 +129,7 @@ def verdict(demo: DemoResults) -> tuple[bool, list[str]]:
 
 def data_warnings(demo: DemoResults) -> list[str]:
     """Stages that streamed mostly clips without a target object (the trainer warns too)."""
-    from stcn.trainer import EMPTY_CLIP_WARN_SHARE
+    from stcn.train.trainer import EMPTY_CLIP_WARN_SHARE
 
     warnings = []
     for label, summary in demo.summaries.items():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stcn import resnet
+from stcn.model import resnet
 
 
 class ResBlock(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from shards import console
 from shards.images import OBJECT_COLOURS
 
-from stcn.online_augment import IMAGENET_MEAN, IMAGENET_STD
+from stcn.model.inputs import IMAGENET_MEAN, IMAGENET_STD
 
 # Prediction/ground-truth overlays draw object ids in the contact sheets' colours.
 _COLOURS = torch.from_numpy(OBJECT_COLOURS).float() / 255

@@ -32,7 +32,7 @@ import torch
 
 from shards.storage import temp_target
 
-from stcn.weights import atomic_torch_save
+from stcn.model.weights import atomic_torch_save
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
 UNREADABLE_SUFFIX = ".unreadable"

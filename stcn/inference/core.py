@@ -28,22 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stcn.aggregate import aggregate
-from stcn.memory import MemoryBank
+from stcn.inference.memory import MemoryBank
+from stcn.model.aggregate import aggregate
+from stcn.model.precision import AMP_DTYPES, check_amp
 
 PAD_MULTIPLE = 16
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-#: The --amp values every tool accepts (tools/train uses the same three).
-AMP_MODES = ("off", *AMP_DTYPES)
-
-
-def amp_dtype_of(mode: str) -> str | None:
-    """An --amp value as InferenceConfig.amp: None for "off", else the dtype name."""
-    if mode not in AMP_MODES:
-        raise ValueError(f"--amp must be one of {AMP_MODES}, got {mode!r}")
-    return None if mode == "off" else mode
-
-
 @dataclass(frozen=True)
 class InferenceConfig:
     """Inference settings; the defaults are the published ones (DAVIS test-dev used mem_every=3)."""
@@ -98,14 +87,6 @@ def unpad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
     return x[..., top:h - bottom, left:w - right]
 
 
-def check_amp(amp: str | None, device: torch.device | str) -> None:
-    """AMP is a CUDA feature here: refuse it elsewhere instead of silently running fp32."""
-    if amp is not None and torch.device(device).type != "cuda":
-        raise ValueError(
-            f"AMP ({amp}) runs on CUDA only, but the device is {torch.device(device)}; "
-            "drop --amp (CPU inference runs in fp32)")
-
-
 @contextlib.contextmanager
 def _eval_mode(net: torch.nn.Module) -> Iterator[None]:
     """Evaluate with frozen BatchNorm etc., then give the caller its mode back."""
@@ -128,7 +109,7 @@ class _ObjectGroup:
 class InferenceCore:
     """Runs the published STCN inference for one video at a time with a built network.
 
-    ``net`` must provide ``encode_key``, ``encode_value`` and ``decode`` (``stcn.network.STCN``).
+    ``net`` must provide ``encode_key``, ``encode_value`` and ``decode`` (``stcn.model.network.STCN``).
     """
 
     def __init__(self, net: torch.nn.Module, config: InferenceConfig = InferenceConfig()):

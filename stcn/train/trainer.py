@@ -31,18 +31,23 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from stcn import clip_ranges, distributed
-from stcn.checkpoint import CheckpointManager, capture_rng_states, restore_rng_states, unwrap_model
-from stcn.clip_ranges import PhaseClips
-from stcn.inference import AMP_DTYPES
-from stcn.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
-from stcn.monitor import StepTimer, TrainingMonitor, gpu_memory_gib
-from stcn.online_augment import CROP_MODES, OnlineAugmentation, prepare_batch
-from stcn.preflight import RunPlan, check_run
-from stcn.runrecord import rank_log, resolved_config, write_config, write_summary
-from stcn.seeding import loader_seed, rank_streams, seed_globals
-from stcn.stages import StageConfig, describe_schedule
-from stcn.weights import build_network, save_stcn_weights
+from stcn.model.precision import AMP_DTYPES
+from stcn.model.weights import build_network, save_stcn_weights
+from stcn.train import clip_ranges, distributed
+from stcn.train.checkpoint import (
+    CheckpointManager,
+    capture_rng_states,
+    restore_rng_states,
+    unwrap_model,
+)
+from stcn.train.clip_ranges import PhaseClips
+from stcn.train.losses import bootstrap_fraction, bootstrapped_cross_entropy, mask_iou
+from stcn.train.monitor import StepTimer, TrainingMonitor, gpu_memory_gib
+from stcn.train.online_augment import CROP_MODES, OnlineAugmentation, prepare_batch
+from stcn.train.preflight import RunPlan, check_run
+from stcn.train.runrecord import rank_log, resolved_config, write_config, write_summary
+from stcn.train.seeding import loader_seed, rank_streams, seed_globals
+from stcn.train.stages import StageConfig, describe_schedule
 
 #: Exit status meaning "checkpointed on a preemption signal, run me again" (EX_TEMPFAIL).
 PREEMPTED_EXIT_CODE = 75
@@ -135,7 +140,7 @@ class NonFiniteLossError(RuntimeError):
 def open_loader(sets: Mapping[str, float] | Iterable[clip_ranges.SetRange], stage: StageConfig,
                 options: TrainOptions, context: distributed.DistributedContext, phase: int):
     """The streaming loader for one skip phase's shard sets (URL -> weight, or the ranges
-    the phase reads, stcn.clip_ranges), split over ranks and workers."""
+    the phase reads, stcn.train.clip_ranges), split over ranks and workers."""
     import shards
 
     return shards.make_loader(
@@ -374,7 +379,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def _start_streams(self, resumed_at: int | None = None) -> None:
-        """Seed this rank's random streams (stcn.seeding): fresh, or for an elastic resume."""
+        """Seed this rank's random streams (stcn.train.seeding): fresh, or for an elastic resume."""
         streams = rank_streams(self.options.seed, self.stage.stage, self.context.rank,
                                resumed_at, self.context.world_size)
         seed_globals(streams.global_seed)
@@ -480,7 +485,7 @@ class Trainer:
 
     def phase_clips(self, phase: int, from_iteration: int) -> PhaseClips:
         """The ranges of its sets phase `phase` reads (phases sharing a set split it by
-        their iterations, stcn.clip_ranges) and what it streams from `from_iteration`."""
+        their iterations, stcn.train.clip_ranges) and what it streams from `from_iteration`."""
         import shards
 
         sets_by_phase = [self.phase_sets(p) if p == phase else self._sets_or_none(p)
@@ -789,7 +794,7 @@ def train(stage: StageConfig, options: TrainOptions,
           make_clips: Mapping[str, int] | None = None) -> TrainResult:
     """Run one stage (see the module docstring); the process group is torn down afterwards.
 
-    The pre-flight (`stcn.preflight`) runs first: every problem of every phase is raised as
+    The pre-flight (`stcn.train.preflight`) runs first: every problem of every phase is raised as
     one PreflightError before anything is written. make_clips: shard set URL -> clips
     `tools/make_shards plan` would make, for the commands that make missing sets.
     """

@@ -13,7 +13,7 @@ many times each clip is streamed, plus every problem found:
 `RunPlan.raise_if_problems()` raises one `PreflightError` listing them all, with the
 `tools/make_shards` command for each missing set. `--dry-run` prints `RunPlan.format()`.
 
-Clip counts come from `stcn.clip_ranges` (the one home of that rule): phases sharing a set
+Clip counts come from `stcn.train.clip_ranges` (the one home of that rule): phases sharing a set
 read disjoint ranges of it, and a phase fits when its range holds every clip it streams. A
 resumed run is checked from its newest checkpoint's iteration on.
 """
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from stcn.checkpoint import CHECKPOINT_PATTERN, CheckpointManager
-from stcn.clip_ranges import PhaseClips, check_phase_clips
-from stcn.stages import StageConfig
+from stcn.train.checkpoint import CHECKPOINT_PATTERN, CheckpointManager
+from stcn.train.clip_ranges import PhaseClips, check_phase_clips
+from stcn.train.stages import StageConfig
 
 #: How `tools/make_shards` names each source's subcommand (the stage's source names).
 MAKE_SHARDS = "tools/make_shards"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from stcn.memory_ops import get_affinity, readout, softmax_top_k
+from stcn.model.memory_ops import get_affinity, readout, softmax_top_k
 
 
 def _as_positions(x: torch.Tensor) -> torch.Tensor:

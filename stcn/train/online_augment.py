@@ -24,8 +24,8 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from stcn.model.inputs import IMAGENET_MEAN, IMAGENET_STD
+
 CROP_MODES = ("random", "center", "resize")
 
 
@@ -228,4 +228,4 @@ def shift_hue(frames: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["OnlineAugmentation", "ColorJitter", "prepare_batch", "augment", "reduce_resolution",
-           "IMAGENET_MEAN", "IMAGENET_STD", "CROP_MODES"]
+           "CROP_MODES"]

@@ -114,7 +114,7 @@ class StageConfig:
     def set_range(self, users: list[int], index: int, total: int) -> tuple[int, int]:
         """[start, stop) of a set of `total` clips that phase `index` reads when the phases
         `users` share it: split in proportion to their iterations, in phase order (disjoint,
-        and independent of the GPU count; stcn.clip_ranges, tools/make_shards plan)."""
+        and independent of the GPU count; stcn.train.clip_ranges, tools/make_shards plan)."""
         lengths = {p: self.phase_end_iteration(p) - self.phase_start_iteration(p) for p in users}
         whole = sum(lengths.values())
         if whole == 0:
@@ -125,7 +125,7 @@ class StageConfig:
     def shard_sets(self, index: int, root: str | None) -> dict[str, float]:
         """Shard set URL -> loader weight for phase `index`: explicit sets, else derived from
         `root` with weight 1: each clip is streamed once, and the mix of `sources` (DAVIS x5)
-        is in the set sizes `tools/make_shards plan` gives (stcn.clip_ranges)."""
+        is in the set sizes `tools/make_shards plan` gives (stcn.train.clip_ranges)."""
         phase = self.phases[index]
         if phase.sets is not None:
             return dict(phase.sets)

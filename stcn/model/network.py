@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from stcn import memory_ops
-from stcn.aggregate import aggregate_logits
-from stcn.modules import Decoder, KeyEncoder, KeyProjection, ValueEncoder
+from stcn.model import memory_ops
+from stcn.model.aggregate import aggregate_logits
+from stcn.model.modules import Decoder, KeyEncoder, KeyProjection, ValueEncoder
 
 KEY_DIM = 64
 VALUE_DIM = 512

@@ -25,7 +25,7 @@ from torch import nn
 
 from shards.storage import write_bytes_atomic
 
-from stcn.network import STCN
+from stcn.model.network import STCN
 
 StateDict = Dict[str, torch.Tensor]
 Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]

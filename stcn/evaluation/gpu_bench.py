@@ -1,6 +1,6 @@
 """`tools/bench_gpu`: training and inference speed on the machine's accelerators, one table.
 
-Training: the real trainer (`stcn.trainer.train`, stage 3, fp16 AMP with a GradScaler on
+Training: the real trainer (`stcn.train.trainer.train`, stage 3, fp16 AMP with a GradScaler on
 CUDA) streams a local synthetic shard set, for every (processes, loader workers per
 process) pair asked for; 2 processes run as DDP under torchrun (NCCL on GPUs, gloo on CPU).
 Each pair runs twice, `warmup` and `warmup + steps` iterations, and the figures are the
@@ -12,7 +12,7 @@ Inference: `stcn.evaluation.bench.compare_inference` on a synthetic DAVIS-size v
 without and with fp16 autocast (CUDA only), next to the published code when its checkout
 is given.
 
-Each training run is a child process (`python -m stcn.gpu_bench REQUEST`, under torchrun
+Each training run is a child process (`python -m stcn.evaluation.gpu_bench REQUEST`, under torchrun
 for DDP) that writes one JSON record.
 """
 from __future__ import annotations
@@ -71,8 +71,8 @@ def make_shard_set(url: str, clips: int, size: int, seed: int = 0) -> str:
 
 def _train_child(request: dict) -> None:
     """One training run (a rank of it under torchrun); rank 0 writes the record."""
-    from stcn.stages import load_stage
-    from stcn.trainer import TrainOptions, train
+    from stcn.train.stages import load_stage
+    from stcn.train.trainer import TrainOptions, train
     torch.set_num_threads(int(request.get("threads") or torch.get_num_threads()))
     iterations = request["iterations"]
     stage = load_stage(3, {"iterations": iterations, "batch_size": request["batch_size"],
@@ -108,7 +108,7 @@ def _run_training(bench: TrainBench, shards_url: str, processes: int, workers: i
     package_parent = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    module = ["-m", "stcn.gpu_bench", json.dumps(request)]
+    module = ["-m", "stcn.evaluation.gpu_bench", json.dumps(request)]
     if processes == 1:
         command = [sys.executable, *module]
     else:
@@ -161,8 +161,8 @@ def run_bench(device: str = "cuda", processes: tuple[int, ...] = (1, 2),
               threads: int | None = None, workdir: str | None = None, echo=print) -> dict:
     """Measure and echo the one table (markdown); returns its figures."""
     from stcn.evaluation.bench import compare_inference, tame_random_keys
-    from stcn.inference import InferenceConfig
-    from stcn.network import STCN
+    from stcn.inference.core import InferenceConfig
+    from stcn.model.network import STCN
     bench = bench or TrainBench(device=device)
     results: dict = {"training": [], "inference": [], "notes": []}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
