@@ -5,7 +5,7 @@ A clip sample (the project's data contract):
      "meta": JSON-serialisable dict}
 is stored as three members:
     frames.jpg     the T frames stacked vertically into ONE (T*H, W, 3) baseline JPEG
-                   (quality 90, 4:4:4: chosen on tools/bench_codec, see README "Fidelity").
+                   (quality 90, 4:4:4: chosen on tools/bench_codec, see docs/FIDELITY.md).
                    One decoder call per clip is faster than T calls
                    and the strip stays viewable with any image tool.
     masks.u8.zlib  the (T, H, W) uint8 label maps: a 6-byte header (T, H, W as
@@ -50,7 +50,7 @@ OPTIONAL_MEMBERS = (SOFT,)
 WRITE_ORDER = (FRAMES, MASKS, SOFT, META)
 DEFAULT_JPEG_QUALITY = 90
 #: chroma subsampling of the frames: 4:4:4 keeps colour edges on the mask edges (4:2:0 costs
-#: 3.4 dB of PSNR for 21% fewer bytes; measured by tools/bench_codec, see README "Fidelity")
+#: 3.4 dB of PSNR for 21% fewer bytes; measured by tools/bench_codec, see docs/FIDELITY.md)
 JPEG_SAMPLING = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
                  "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
                  "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}
