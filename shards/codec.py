@@ -11,7 +11,7 @@ is stored as three members:
     masks.u8.zlib  the (T, H, W) uint8 label maps: a 6-byte header (T, H, W as
                    little-endian uint16) then the raw bytes compressed with zlib level 1.
                    Every object id is kept. It decodes several times faster than PNG
-                   (measured, see README) for a few KB per clip next to ~100 KB of JPEG.
+                   (measured, see docs/DESIGN.md) for a few KB per clip next to ~100 KB of JPEG.
     soft.u8.zlib   optional (static clips): (T, H, W) uint8 soft masks, 0..255 for 0..1,
                    in the label maps' format. The published static loader keeps the
                    warped mask soft: frame 0's soft mask is the value encoder's input and
