@@ -101,7 +101,7 @@ class ShardFetcher:
                     self.stats.downloads += 1
             return shard
         data = (storage.read_verified(url, info.bytes, info.sha256) if self.verify
-                else storage.read_bytes(url))
+                else storage.read_bytes(url, info.bytes))
         with self._lock:
             self.stats.downloads += 1
         return data

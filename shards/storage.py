@@ -390,13 +390,20 @@ def _retrying(url: str, what: str, call, local: bool = False):
 
 # ----------------------------------------------------------------------------- reading
 
-def read_bytes(url: str) -> bytes:
-    """The whole object at `url` (one GET, retried)."""
+def read_bytes(url: str, size: int | None = None) -> bytes:
+    """The whole object at `url` (one GET, retried). Given its expected `size` (a shard's,
+    from the manifest), an S3 object of up to one block is fetched with the GET alone:
+    s3fs otherwise sends a HEAD first to choose between one GET and parallel ranged GETs,
+    one more request per shard."""
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
         with open(path, "rb") as f:
             return f.read()
-    return _retrying(url, "GET", lambda: fs.cat_file(path), _direct(fs))
+    kw = {}
+    if size is not None and hasattr(fs, "max_concurrency") \
+            and size <= getattr(fs, "default_block_size", 0):
+        kw["max_concurrency"] = 1
+    return _retrying(url, "GET", lambda: fs.cat_file(path, **kw), _direct(fs))
 
 
 def read_verified(url: str, size: int, sha256: str) -> bytes:
@@ -406,7 +413,7 @@ def read_verified(url: str, size: int, sha256: str) -> bytes:
     fs, _ = filesystem(url)
     attempts = 1 if _direct(fs) else retry_policy().attempts
     for attempt in range(attempts):
-        data = read_bytes(url)
+        data = read_bytes(url, size)
         problem = None
         if len(data) != size:
             problem = (f"{len(data)} bytes, manifest says {size} (truncated or rewritten "

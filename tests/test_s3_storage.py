@@ -19,9 +19,9 @@ import pytest
 import shards
 from shards import storage
 from shards.cache import ShardCache, parse_size
-from shards.sample_clips import make_clip
 from shards.verify import verify_shard_set
 
+from conftest import write_clip_set
 from s3_servers import (
     range_http_server,
     storage_configured,
@@ -42,12 +42,8 @@ def no_faults(request):
 
 
 def write_set(url: str) -> str:
-    rng = np.random.default_rng(0)
-    samples = [make_clip(rng, f"v{i:03d}-0", size=32, n_objects=2) for i in range(SHARDS * PER_SHARD)]
-    infos = [shards.write_shard(f"{url}/shard-{k:06d}.tar", samples[k * PER_SHARD:(k + 1) * PER_SHARD])
-             for k in range(SHARDS)]
-    shards.write_manifest(url, shards.Manifest(shards=infos, config={"kind": "synthetic"}))
-    return url
+    return write_clip_set(SHARDS * PER_SHARD, max_count=PER_SHARD, size=32, seed=0,
+                          config={"kind": "synthetic"}, root=url)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +67,11 @@ def same(a, b) -> bool:
 def test_remote_set_streams_the_same_batches_as_local(sets, proxy):
     local, remote = sets
     want, _ = batches(local)
-    before = proxy.requests("GET", ".tar")
+    before, heads = proxy.requests("GET", ".tar"), proxy.requests("HEAD", ".tar")
     got, loader = batches(remote)
     assert same(got, want) and len(got) == SHARDS * PER_SHARD // 3
     assert proxy.requests("GET", ".tar") - before == SHARDS  # each shard fetched once, whole
+    assert proxy.requests("HEAD", ".tar") == heads  # the manifest has the sizes: GETs only
     assert loader.stats.downloads == SHARDS and loader.stats.retries == 0
     assert verify_shard_set(remote, progress=False).ok
 
