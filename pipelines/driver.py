@@ -24,7 +24,7 @@ Manifest
     tries it when it finishes, so the last one to finish writes it (identical content
     whichever does). Nothing in the manifest depends on --workers or --num-tasks.
 """
-from pipelines.job.clips import listed_samples, make_clip
+from pipelines.job.clips import listed_encoded, make_clip
 from pipelines.job.config import JobConfig, JobError, Task
 from pipelines.job.records import PARTS, merge, part_url, shard_done
 from pipelines.job.run import run_job
@@ -32,5 +32,5 @@ from pipelines.job.units import PIPELINE_VERSION, Plan, listed_clips, make_plan
 from pipelines.kinds import KINDS, SourceKind, register_kind
 
 __all__ = ["JobConfig", "JobError", "KINDS", "PARTS", "PIPELINE_VERSION", "Plan", "SourceKind",
-           "Task", "listed_clips", "listed_samples", "make_clip", "make_plan", "merge",
+           "Task", "listed_clips", "listed_encoded", "make_clip", "make_plan", "merge",
            "part_url", "register_kind", "run_job", "shard_done"]

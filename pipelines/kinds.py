@@ -47,8 +47,10 @@ class SourceKind:
     open: Callable[[Any], Any]
     #: (listed source) -> the items clip i draws from (videos, or images), in a fixed order
     items: Callable[[Any], Any]
-    #: (kind, store, item, round, job) -> the sample dict of round `round` of `item`, reading
-    #: its bytes from `store` (the listed source, or a streamed video's frames)
+    #: (kind, store, item, round, job, cache) -> the sample dict of round `round` of `item`,
+    #: reading its bytes from `store` (the listed source, or a streamed video's frames);
+    #: `cache` (pipelines.clips.DecodedFrames, or None) is shared by the clips a worker makes
+    #: of one item in a row, so a frame they share is decoded once (free to ignore)
     make_clip: Callable[..., dict]
     #: (job, source) -> what the manifest's config records about the source's items
     describe: Callable[[Any, Any], dict]
@@ -105,15 +107,16 @@ class PerKind(Mapping):
 
 # ------------------------------------------------------------- parts the built-in kinds share
 
-def video_clip(kind: SourceKind, store, video, round_: int, job) -> dict:
+def video_clip(kind: SourceKind, store, video, round_: int, job, cache=None) -> dict:
     """A video kind's clip (pipelines.clips.make_video_clip); YouTubeVOS's frame step (its
     listed frames are 5 raw frames apart) comes from its reader."""
     return make_video_clip(store, video, round_, kind=kind.name, seed=job.seed,
                            max_skip=job.max_skip, frame_step=getattr(store, "frame_step", 1),
-                           aug=kind.augment, size_rule=kind.size_rule)
+                           aug=kind.augment, size_rule=kind.size_rule, cache=cache)
 
 
-def static_clip(kind: SourceKind, store, item, round_: int, job) -> dict:
+def static_clip(kind: SourceKind, store, item, round_: int, job, cache=None) -> dict:
+    """A static image's clip (each image is drawn about once per unit: nothing to share)."""
     return make_static_clip(store, item, round_, seed=job.seed, aug=kind.augment)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import shards
 
+from conftest import tool_command
 from pipelines.driver import JobConfig, JobError, Task, merge, run_job
 from pipelines.synthetic import make_synthetic
 
@@ -84,6 +85,22 @@ def test_same_seed_same_bytes_whatever_workers_or_tasks(data, tmp_path):
     assert _bytes(tmp_path / "other") != _bytes(tmp_path / "one")
 
 
+def test_clips_sharing_decoded_frames_are_the_clips_made_alone(data, tmp_path):
+    """A worker makes its unit's clips video by video, decoding a frame once for all the
+    clips that draw it: they are the clips made one per unit (nothing shared)."""
+    job = dict(kind="davis", source=str(data["davis"]), clips=12, max_skip=5, subset="all")
+    run_job(JobConfig(out=str(tmp_path / "shared"), clips_per_shard=12, **job), progress=False)
+    run_job(JobConfig(out=str(tmp_path / "alone"), clips_per_shard=1, **job), progress=False)
+    shared, alone = _samples(tmp_path / "shared"), _samples(tmp_path / "alone")
+    assert len(shared) == 12 and sorted(shared) == sorted(alone)
+    drawn = [(s["meta"]["video"], f) for s in shared.values() for f in set(s["meta"]["frames"])]
+    assert len(set(drawn)) < len(drawn)  # some frames were drawn by several clips
+    for key, sample in shared.items():
+        assert np.array_equal(sample["frames"], alone[key]["frames"]), key
+        assert np.array_equal(sample["masks"], alone[key]["masks"]), key
+        assert sample["meta"] == alone[key]["meta"], key
+
+
 def test_task_split_covers_every_clip_once(data, tmp_path):
     job = JobConfig("youtube", str(data["youtube"]), str(tmp_path / "yt"), clips=11,
                     clips_per_shard=2, max_skip=25, subset="all")
@@ -137,7 +154,7 @@ def test_bl30k_tree_and_archives_give_the_same_clips(data, tmp_path):
 
 def _make_shards(args, **popen):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards"), *args],
+    return subprocess.Popen(tool_command("make_shards", *args),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
 
 

@@ -55,19 +55,9 @@ def _record(plan: Plan, shard_name: str, info: shards.ShardInfo) -> shards.Shard
     return info
 
 
-def write_unit(plan: Plan, shard_name: str, samples, progress=None) -> shards.ShardInfo:
-    """Write one shard then its part record (in that order: see module doc)."""
-    def counted():
-        for sample in samples:
-            yield sample
-            if progress is not None:
-                progress(1)
-    info = shards.write_shard(storage.join(plan.job.out, shard_name), counted())
-    return _record(plan, shard_name, info)
-
-
 def write_shard_bytes(plan: Plan, shard_name: str, encoded: list) -> shards.ShardInfo:
-    """write_unit for already encoded samples (same bytes, same record)."""
+    """Write one shard of encoded samples, then its part record (in that order: see module
+    doc)."""
     info = shards.write_encoded_shard(storage.join(plan.job.out, shard_name), encoded)
     return _record(plan, shard_name, info)
 

@@ -15,7 +15,7 @@ import time
 import shards
 from shards.lease import Lease
 
-from pipelines.job.clips import listed_samples, video_clips
+from pipelines.job.clips import listed_encoded, video_clips
 from pipelines.job.config import JobConfig, JobError, Task, warn
 from pipelines.job.pool import Workers
 from pipelines.job.records import (
@@ -25,7 +25,6 @@ from pipelines.job.records import (
     shard_done,
     write_archive_record,
     write_shard_bytes,
-    write_unit,
 )
 from pipelines.job.units import Plan, listed_clips, make_plan, unit_name
 from pipelines.sources import archive_name, iter_archive_videos
@@ -55,7 +54,8 @@ def run_job(job: JobConfig, workers: int = 1, task: Task | None = None,
 
 def _listed_unit(plan: Plan, unit: int, count) -> shards.ShardInfo:
     """(In a worker) make and write the shard of listed unit `unit`."""
-    return write_unit(plan, unit_name(unit), listed_samples(plan, *plan.unit_range(unit)), count)
+    return write_shard_bytes(plan, unit_name(unit),
+                             listed_encoded(plan, *plan.unit_range(unit), count))
 
 
 def _run_listed(plan: Plan, units: list[int], pool: Workers, progress: bool):
