@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipelines.augment import StaticAugment, VideoAugment, augment_static, augment_video
+from pipelines.augment import StaticAugment, VideoAugment, augment_static, video_warps
 from pipelines.sampling import TripletSampler, eligible_objects
 from pipelines.sources import FrameStore, StaticItem, StaticSource, Video, decode_ids, decode_image
 from pipelines.sources.base import decode_gray_mask
@@ -106,7 +106,7 @@ def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, 
     max_skip // frame_step listed frames (TripletSampler: gaps up to J + 1), augmented;
     retried with new frames and a new augmentation (a new generator per attempt) until
     frame 0 holds an eligible object, up to ATTEMPTS; then kept with "objects": [], as
-    published. `cache`: decoded frames shared with other clips of `video` (the same clip
+    published. An attempt's masks are warped and checked before its images. `cache`: decoded frames shared with other clips of `video` (the same clip
     with or without)."""
     sampler = TripletSampler(max(1, max_skip // frame_step))
     cache = DecodedFrames() if cache is None else cache
@@ -125,11 +125,14 @@ def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, 
                             names[0], kind)
                 cache.put(video.name, name, found)
             decoded.append(found)
-        frames, masks, params = augment_video(rng, [d[0] for d in decoded],
-                                              [d[1] for d in decoded], aug)
+        h, w = decoded[0][1].shape
+        clip = video_warps(rng, (w, h), len(names), aug)
+        masks = clip.masks([d[1] for d in decoded])
         objects = eligible_objects(masks, size_rule)
-        if objects:
+        if objects or attempt == ATTEMPTS - 1:  # the images' warps (the costly part) only
+            frames = clip.images([d[0] for d in decoded])  # for the clip that is kept
             break
+    params = clip.params
     meta = {"source": kind, "video": video.name, "frames": names, "frame_index": indices,
             "max_skip": max_skip, "frame_step": frame_step, "seed": seed, "round": round_,
             "attempt": attempt, "objects": objects, "augment": params}

@@ -11,8 +11,8 @@ from pipelines.augment.params import (
                                       StaticAugment,
                                       VideoAugment,
 )
-from pipelines.augment.recipes import augment_static, augment_video
+from pipelines.augment.recipes import ClipWarps, augment_static, augment_video, video_warps
 
 __all__ = ["BL30K_AUGMENT", "IMAGE_MEAN_RGB", "ONLINE_STATIC", "ONLINE_VIDEO", "OUTPUT_SIZE",
-           "STATIC_AUGMENT", "VIDEO_AUGMENT", "StaticAugment", "VideoAugment",
-           "augment_static", "augment_video"]
+           "STATIC_AUGMENT", "VIDEO_AUGMENT", "ClipWarps", "StaticAugment", "VideoAugment",
+           "augment_static", "augment_video", "video_warps"]

@@ -8,6 +8,8 @@ metadata; "fill" is each frame's share of fill pixels.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from shards.images import shorter_side_size
@@ -20,7 +22,7 @@ from pipelines.augment.geometry import (
 )
 from pipelines.augment.params import IMAGE_MEAN_RGB, StaticAugment, VideoAugment
 from pipelines.augment.tps import random_tps_points, tps_displacement
-from pipelines.augment.warp import BLACK, Step, warp_frame
+from pipelines.augment.warp import BLACK, FrameWarp, Step, warp_frame
 
 #: A soft mask value above this is the object: mask > 0.5 on the 0..1 scale (published).
 SOFT_THRESHOLD = 127
@@ -80,22 +82,61 @@ def augment_static(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray
             {"clip": {"scale": clip_params["scale"]}, "frames": frame_params})
 
 
-def augment_video(rng: np.random.Generator, images: list[np.ndarray], masks: list[np.ndarray],
-                  aug: VideoAugment) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Three frames and masks of one video -> a clip: one resized crop per clip, then a per
-    frame rotation and shear."""
-    h, w = masks[0].shape
+@dataclass(frozen=True)
+class ClipWarps:
+    """One video clip's geometry: a FrameWarp per frame, the parameters its metadata records,
+    and the frame size (width, height) it was drawn for."""
+    warps: tuple[FrameWarp, ...]
+    params: dict
+    wh: tuple[int, int]
+
+    def _check(self, arrays) -> None:
+        w, h = self.wh
+        for array in arrays:
+            if array.shape[:2] != (h, w):
+                raise ValueError(f"frames of one video differ in size: {array.shape[:2]} vs "
+                                 f"{(h, w)}")
+
+    def masks(self, masks: list[np.ndarray]) -> np.ndarray:
+        """Id masks (H, W) -> (T, S, S) uint8."""
+        self._check(masks)
+        out = np.empty((len(self.warps), self.warps[0].size, self.warps[0].size), np.uint8)
+        for warp, mask, dst in zip(self.warps, masks, out):
+            warp.ids(mask, dst)
+        return out
+
+    def images(self, images: list[np.ndarray]) -> np.ndarray:
+        """RGB frames (H, W, 3) -> (T, S, S, 3) uint8."""
+        self._check(images)
+        size = self.warps[0].size
+        out = np.empty((len(self.warps), size, size, 3), np.uint8)
+        for warp, image, dst in zip(self.warps, images, out):
+            warp.image(image, dst)
+        return out
+
+
+def video_warps(rng: np.random.Generator, wh: tuple[int, int], frames: int,
+                aug: VideoAugment) -> ClipWarps:
+    """The geometry of a clip of `frames` frames of size wh = (width, height): one resized
+    crop per clip, then a per frame rotation and shear (all of the clip's draws from `rng`)."""
+    w, h = wh
     crop, crop_params = random_resized_crop(rng, w, h, aug.size, aug.crop_scale, aug.crop_ratio)
-    frames, out_masks, frame_params = [], [], []
-    for image, mask in zip(images, masks):
-        if mask.shape != (h, w) or image.shape[:2] != (h, w):
-            raise ValueError(f"frames of one video differ in size: {image.shape[:2]} vs {(h, w)}")
+    warps, frame_params = [], []
+    for _ in range(frames):
         frame, params = random_affine(rng, aug.size, aug.size, degrees=aug.frame_degrees,
                                       shear=aug.frame_shear)
         del params["scale"]  # the video recipe has no per frame scale
-        out = warp_frame(image, video_steps(crop, frame, (w, h), aug.size), aug.size, ids=mask)
-        params["fill"] = round(out.fill_fraction, 5)
-        frames.append(out.image)
-        out_masks.append(out.ids)
+        warp = FrameWarp(video_steps(crop, frame, wh, aug.size), aug.size)
+        params["fill"] = round(warp.fill_fraction, 5)
+        warps.append(warp)
         frame_params.append(params)
-    return np.stack(frames), np.stack(out_masks), {"clip": crop_params, "frames": frame_params}
+    return ClipWarps(tuple(warps), {"clip": crop_params, "frames": frame_params}, wh)
+
+
+def augment_video(rng: np.random.Generator, images: list[np.ndarray], masks: list[np.ndarray],
+                  aug: VideoAugment) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Three frames and masks of one video -> a clip: one resized crop per clip, then a per
+    frame rotation and shear (video_warps)."""
+    h, w = masks[0].shape
+    clip = video_warps(rng, (w, h), len(masks), aug)
+    return clip.images(images), clip.masks(masks), clip.params

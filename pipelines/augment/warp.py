@@ -12,10 +12,11 @@ step nearest the output that it left. Only pixels within the interpolation kerne
 canvas edge differ from the step-by-step chain (the chain blends them with the fill; one
 warp reads the real source there), besides the chain's repeated interpolation.
 
-`warp_frame` takes the steps (`Step`: forward matrix input canvas -> output canvas, the input
-canvas size, its fill) and an optional backward displacement field (the TPS warp, which acts
-last, in output space, on a size x size canvas). Without a field it is one
-cv2.warpAffine; with one, the affine and the field are folded into a single remap map.
+`FrameWarp` (and `warp_frame`, which applies one to an image and its masks) takes the steps
+(`Step`: forward matrix input canvas -> output canvas, the input canvas size, its fill) and
+an optional backward displacement field (the TPS warp, which acts last, in output space, on
+a size x size canvas). Without a field each array is one cv2.warpAffine; with one, the
+affine and the field are folded into a single remap map.
 
 Large downscales would alias with a point-sampling warp (PIL's resize, used by the
 published loader, filters). When the warp shrinks the source by more than PREFILTER, the
@@ -195,72 +196,94 @@ def _warp_soft(soft: np.ndarray, inverse: np.ndarray, size: int, warp, qx, qy) -
     return near
 
 
-def warp_frame(image: np.ndarray, steps: Sequence[Step], size: int, *,
-               ids: np.ndarray | None = None, soft: np.ndarray | None = None,
-               displacement: np.ndarray | None = None, displacement_fill=BLACK) -> Warped:
-    """Warp an RGB image (H, W, 3), and optionally its id mask (H, W, nearest) and 8-bit soft
-    mask (H, W, bicubic), through `steps` (applied first to last) and then the backward
-    displacement field (size, size, 2) if given, to size x size, in one interpolation.
+class FrameWarp:
+    """One frame's geometry: `steps` (applied first to last), then the backward displacement
+    field (size, size, 2) if given, to size x size. Built once (where each output pixel
+    reads, and which fill it takes), then applied to the frame's image and masks, each in
+    one interpolation; so a clip can warp its masks, check them, and warp its images (the
+    costly part) only if they pass.
 
     Every output pixel that some step reads from outside its input canvas is that step's
     fill (the last such step along the chain wins, as in the step-by-step chain); masks are
     0 there. The displacement field's canvas is the size x size output of the last step and
     its fill is `displacement_fill`."""
-    afters = [np.eye(3)]  # afters[k]: step k's input canvas -> output (steps k, k+1, ...)
-    for step in reversed(steps):
-        afters.insert(0, afters[0] @ step.forward)
-    forward = afters[0]
-    inverse = _affine_inverse(forward)
-    margin = 0.0 if displacement is None else float(np.abs(displacement).max())
-    src_image, image_inverse = _prefilter(image, inverse, size, margin)
-    border = dict(borderMode=cv2.BORDER_CONSTANT)
-    first_fill = steps[0].fill if steps and steps[0].fill is not None else BLACK
-    qx = qy = None
-    if displacement is None:
-        def warp(src, inv, interpolation, value):
-            return cv2.warpAffine(src, inv[:2], (size, size),
+
+    def __init__(self, steps: Sequence[Step], size: int,
+                 displacement: np.ndarray | None = None, displacement_fill=BLACK):
+        afters = [np.eye(3)]  # afters[k]: step k's input canvas -> output (steps k, k+1, ...)
+        for step in reversed(steps):
+            afters.insert(0, afters[0] @ step.forward)
+        self.size = size
+        self.inverse = _affine_inverse(afters[0])
+        self.margin = 0.0 if displacement is None else float(np.abs(displacement).max())
+        self.first_fill = steps[0].fill if steps and steps[0].fill is not None else BLACK
+        self.qx = self.qy = None
+        self._maps: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # masks share one map
+        if displacement is not None:
+            xs, ys = _pixel_grid(size)
+            self.qx, self.qy = xs + displacement[..., 0], ys + displacement[..., 1]
+
+        # Which fill each pixel gets, as a label plane: 0 image, k the k-th fill along the
+        # chain; a later step's fill overwrites an earlier one's (the chain's output shows it).
+        label = np.zeros((size, size), np.uint8)
+        self.fills: list[tuple[int, int, int]] = []
+        drawn = False
+        for step, after in zip(steps, afters):
+            if step.fill is not None:
+                if not self.fills or self.fills[-1] != tuple(step.fill):  # a run of equal
+                    self.fills.append(tuple(step.fill))                   # fills: one code
+                drawn |= _outside_plane(label, after, step.canvas, len(self.fills), not drawn)
+        if displacement is not None:
+            # the field reads the affine chain's output canvas: beyond it, its own fill
+            self.fills.append(tuple(displacement_fill))
+            label = cv2.remap(label, self.qx, self.qy, cv2.INTER_NEAREST,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=len(self.fills))
+        self.label = label
+        self.valid = cv2.compare(label, 0, cv2.CMP_EQ)  # 255 where the pixel is image
+        self.fill = self.valid == 0
+        self.fill_fraction = 1.0 - cv2.countNonZero(self.valid) / (size * size)
+
+    def _warp(self, src, inv, interpolation, value, dst=None):
+        if self.qx is None:
+            return cv2.warpAffine(src, inv[:2], (self.size, self.size), dst=dst,
                                   flags=cv2.WARP_INVERSE_MAP | interpolation,
-                                  borderValue=value, **border)
-    else:
-        xs, ys = _pixel_grid(size)
-        qx, qy = xs + displacement[..., 0], ys + displacement[..., 1]
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=value)
+        key = inv.tobytes()
+        if key not in self._maps:
+            a = inv.astype(np.float32)
+            self._maps[key] = (a[0, 0] * self.qx + a[0, 1] * self.qy + a[0, 2],
+                               a[1, 0] * self.qx + a[1, 1] * self.qy + a[1, 2])
+        return cv2.remap(src, *self._maps[key], interpolation, dst=dst,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=value)
 
-        maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the masks share one map
+    def image(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The warped RGB image (H, W, 3) -> (size, size, 3) uint8, bicubic, with the fills;
+        into `out` if given (a C-contiguous array of that shape)."""
+        src, inverse = _prefilter(image, self.inverse, self.size, self.margin)
+        out = self._warp(src, inverse, cv2.INTER_CUBIC, self.first_fill, out)
+        for code, value in enumerate(self.fills, start=1):
+            where = cv2.compare(self.label, code, cv2.CMP_EQ)
+            if cv2.countNonZero(where):
+                cv2.copyTo(_constant(self.size, value), where, out)
+        return out
 
-        def warp(src, inv, interpolation, value):
-            if id(inv) not in maps:
-                a = inv.astype(np.float32)
-                maps[id(inv)] = (a[0, 0] * qx + a[0, 1] * qy + a[0, 2],
-                                 a[1, 0] * qx + a[1, 1] * qy + a[1, 2])
-            return cv2.remap(src, *maps[id(inv)], interpolation, borderValue=value, **border)
+    def ids(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The warped id mask (H, W) -> (size, size) uint8, nearest, 0 on the fills."""
+        out = self._warp(ids, self.inverse, cv2.INTER_NEAREST, 0, out)
+        return cv2.bitwise_and(out, self.valid, dst=out)
 
-    out_image = warp(src_image, image_inverse, cv2.INTER_CUBIC, first_fill)
-    out_ids = None if ids is None else warp(ids, inverse, cv2.INTER_NEAREST, 0)
-    out_soft = None if soft is None else _warp_soft(soft, inverse, size, warp, qx, qy)
+    def soft(self, soft: np.ndarray) -> np.ndarray:
+        """The warped 8-bit soft mask (H, W) -> (size, size) uint8, bicubic, 0 on the fills."""
+        out = _warp_soft(soft, self.inverse, self.size, self._warp, self.qx, self.qy)
+        return cv2.bitwise_and(out, self.valid, dst=out)
 
-    # Which fill each pixel gets, as a label plane: 0 image, k the k-th fill along the
-    # chain; a later step's fill overwrites an earlier one's (the chain's output shows it).
-    label = np.zeros((size, size), np.uint8)
-    fills: list[tuple[int, int, int]] = []
-    drawn = False
-    for step, after in zip(steps, afters):
-        if step.fill is not None:
-            if not fills or fills[-1] != tuple(step.fill):  # a run of equal fills: one code
-                fills.append(tuple(step.fill))
-            drawn |= _outside_plane(label, after, step.canvas, len(fills), not drawn)
-    if displacement is not None:
-        # the field reads the affine chain's output canvas: beyond it, its own fill
-        fills.append(tuple(displacement_fill))
-        label = cv2.remap(label, qx, qy, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=len(fills))
-    valid = cv2.compare(label, 0, cv2.CMP_EQ)
-    for code, value in enumerate(fills, start=1):
-        where = cv2.compare(label, code, cv2.CMP_EQ)
-        if cv2.countNonZero(where):
-            cv2.copyTo(_constant(size, value), where, out_image)
-    if out_ids is not None:
-        out_ids = cv2.bitwise_and(out_ids, out_ids, mask=valid)
-    if out_soft is not None:
-        out_soft = cv2.bitwise_and(out_soft, out_soft, mask=valid)
-    return Warped(out_image, out_ids, out_soft, valid == 0,
-                  1.0 - cv2.countNonZero(valid) / (size * size))
+
+def warp_frame(image: np.ndarray, steps: Sequence[Step], size: int, *,
+               ids: np.ndarray | None = None, soft: np.ndarray | None = None,
+               displacement: np.ndarray | None = None, displacement_fill=BLACK) -> Warped:
+    """Warp an RGB image (H, W, 3), and optionally its id mask (H, W, nearest) and 8-bit soft
+    mask (H, W, bicubic), through `steps` and then the displacement field if given (see
+    FrameWarp), to size x size, in one interpolation each."""
+    warp = FrameWarp(steps, size, displacement, displacement_fill)
+    return Warped(warp.image(image), None if ids is None else warp.ids(ids),
+                  None if soft is None else warp.soft(soft), warp.fill, warp.fill_fraction)
