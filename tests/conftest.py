@@ -60,10 +60,15 @@ def load_tool(name: str):
     return sys.modules["stcn_tools"].load(name)
 
 
+def tool_path(name: str) -> str:
+    """The script tools/NAME, for a launcher that runs it (torchrun, a shell script)."""
+    return str(TOOLS / name)
+
+
 def tool_command(name: str, *args) -> list[str]:
     """The command line that runs tools/NAME as its own process (for exit codes, signals and
-    output as a user sees them)."""
-    return [sys.executable, str(TOOLS / name), *map(str, args)]
+    output as a user sees them): the one way the tests start a tool in a process."""
+    return [sys.executable, tool_path(name), *map(str, args)]
 
 
 def write_clip_set(n: int, *, max_count: int = 7, prefix: str = "v", size: int = 16,
@@ -100,10 +105,11 @@ TRAIN_SIZE = 32  # side of the clips write_train_set makes
 
 
 def write_train_set(url: str, name: str, clips: int, seed: int, online=None, source="davis",
-                    max_skip=5, n_objects: int | None = None) -> str:
+                    max_skip=5, n_objects: int | None = None, per_shard: int | None = None) -> str:
     """A trainer-ready shard set at url: clips synthetic TRAIN_SIZE clips named NAME000-0, ...
-    (objects 1 + i % 3 unless n_objects is given; static ones carry soft masks) in two shards,
-    its manifest recording the source kind, max skip and online steps the trainer checks."""
+    (objects 1 + i % 3 unless n_objects is given; static ones carry soft masks) in shards of
+    per_shard clips (default: two shards), shard-000000.tar, ..., its manifest recording the
+    source kind, max skip and online steps the trainer checks."""
     import numpy as np
 
     import shards
@@ -115,9 +121,9 @@ def write_train_set(url: str, name: str, clips: int, seed: int, online=None, sou
                for i in range(clips)]
     if source == "static":  # static clips carry soft masks (0.9 here) for the value encoder
         samples = [{**s, "soft": (s["masks"] == 1).astype(np.uint8) * 230} for s in samples]
-    half = clips // 2
-    infos = [shards.write_shard(f"{url}/shard-000000.tar", samples[:half]),
-             shards.write_shard(f"{url}/shard-000001.tar", samples[half:])]
+    cuts = [*range(0, clips, per_shard), clips] if per_shard else [0, clips // 2, clips]
+    infos = [shards.write_shard(f"{url}/shard-{k:06d}.tar", samples[a:b])
+             for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
     config = {"kind": "synthetic", "source": source, "max_skip": max_skip}
     if online is not None:
         config["online"] = online

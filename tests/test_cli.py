@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_tool
+from conftest import load_tool, tool_path
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -207,7 +207,7 @@ def tiny_shard_set(tmp_path_factory):
 
 
 def test_verify_progress_bar_on_terminal_lines_in_logs_quiet_and_verbose(tiny_shard_set):
-    verify = str(TOOLS / "verify_shards")
+    verify = tool_path("verify_shards")
     on_terminal = _run_tool([verify, tiny_shard_set], stderr_tty=True)
     assert "\r" in on_terminal and "3/3" in on_terminal
     in_log = _run_tool([verify, tiny_shard_set])

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -25,9 +24,8 @@ import torch
 import shards
 from shards import errors, storage
 from shards.lease import Lease, LeaseHeld
-from shards.sample_clips import make_clip
 
-from conftest import load_tool
+from conftest import TRAIN_SIZE as SIZE, load_tool, tool_command, write_train_set
 from stcn.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -40,7 +38,6 @@ pytestmark = pytest.mark.faults
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_CHECKPOINT = REPO / "tests" / "data" / "checkpoint_v0_000000002.pt"
-SIZE = 32
 # Subprocesses compute with this process's thread count: runs compared bit for bit across
 # processes must reduce in the same order.
 ENV = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))
@@ -62,26 +59,13 @@ def crafted_checkpoint(path: Path, marker: Path) -> Path:
     return path
 
 
-def write_set(url: str, clips: int = 6, per_shard: int = 3, seed: int = 0, prefix: str = "c",
-              online=None) -> str:
-    rng = np.random.default_rng(seed)
-    infos = []
-    for k in range(0, clips, per_shard):
-        samples = [make_clip(rng, f"{prefix}{k // per_shard}{i}-0", size=SIZE, n_objects=1 + i % 2)
-                   for i in range(min(per_shard, clips - k))]
-        infos.append(shards.write_shard(f"{url}/shard-{k // per_shard:06d}.tar", samples))
-    config = {"source": "davis"} if online is None else {"source": "davis", "online": online}
-    shards.write_manifest(url, shards.Manifest(shards=infos, config=config))
-    return url
-
-
 def truncate(path: Path, keep: float = 1 / 3) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
 
 
 def tool(name: str, *args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)],
+    return subprocess.run(tool_command(name, *args),
                           capture_output=True, text=True, env=ENV, timeout=kwargs.pop("timeout", 300),
                           **kwargs)
 
@@ -265,19 +249,19 @@ def test_bad_sample_takes_a_good_one_from_the_shuffle_buffer(tmp_path):
     """Seed 0 emits the truncated shard's samples first, after the reader has read every
     sample into the buffer: before the fix this failed with 'not one of its samples is
     readable'."""
-    url = write_set(str(tmp_path / "set"), clips=9, per_shard=3)
+    url = write_train_set(str(tmp_path / "set"), "c", 9, 0, per_shard=3)
     truncate(tmp_path / "set" / "shard-000001.tar")
     loader = shards.make_loader(url, 1, seed=0, max_bad_fraction=0.9)
     with pytest.warns(shards.BadDataWarning):
         keys = [batch["__key__"][0] for batch in loader]
-    assert len(keys) == 9 and not any(k.startswith("c1") for k in keys)
+    assert len(keys) == 9 and not set(keys) & {"c003-0", "c004-0", "c005-0"}  # shard 1's
     assert loader.stats.bad_samples == 3 and loader.stats.substituted == 3
 
 
 def test_bench_loader_reports_bad_samples_as_a_count(tmp_path):
     from shards.bench import format_results, run_benchmark
 
-    url = write_set(str(tmp_path / "set"), clips=9, per_shard=3)
+    url = write_train_set(str(tmp_path / "set"), "c", 9, 0, per_shard=3)
     truncate(tmp_path / "set" / "shard-000002.tar")
     results = run_benchmark(url, batch_size=2, workers=0, repeats=1)
     assert results["bad_samples"] == 3 and results["samples"] == 6
@@ -308,7 +292,7 @@ def test_write_errors_name_the_file_being_written(tmp_path, monkeypatch):
 
 
 def test_tools_print_one_line_and_debug_shows_the_traceback(tmp_path):
-    url = write_set(str(tmp_path / "set"))
+    url = write_train_set(str(tmp_path / "set"), "c", 6, 0, per_shard=3)
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     manifest["shards"][0]["name"] = "../../escape.tar"
     (tmp_path / "set" / "manifest.json").write_text(json.dumps(manifest))
@@ -321,7 +305,7 @@ def test_tools_print_one_line_and_debug_shows_the_traceback(tmp_path):
 
 
 def test_manifest_names_outside_the_set_are_rejected(tmp_path):
-    url = write_set(str(tmp_path / "set"))
+    url = write_train_set(str(tmp_path / "set"), "c", 6, 0, per_shard=3)
     path = tmp_path / "set" / "manifest.json"
     for name in ("../../x.tar", "/etc/passwd", "a/../../b.tar", "s3://other/x.tar"):
         manifest = json.loads(path.read_text())
@@ -342,7 +326,7 @@ def train_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     (root / "one.yaml").write_text(ONE_PHASE)
     (root / "two.yaml").write_text(TWO_PHASES)
-    write_set(str(root / "set"), clips=6, per_shard=3, online=ONLINE)
+    write_train_set(str(root / "set"), "c", 6, 0, ONLINE, per_shard=3)
     return root
 
 
@@ -379,7 +363,7 @@ class Output:
 
 
 def start_training(args: list[str]) -> tuple[subprocess.Popen, Output]:
-    process = subprocess.Popen([sys.executable, str(REPO / "tools" / "train"), *args], env=ENV,
+    process = subprocess.Popen(tool_command("train", *args), env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)  # its own process group, as in a shell
     return process, Output(process)
@@ -387,7 +371,7 @@ def start_training(args: list[str]) -> tuple[subprocess.Popen, Output]:
 
 def run_training(args: list[str]) -> tuple[int, str]:
     """tools/train to the end in its own process, as start_training starts it: (exit, output)."""
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "train"), *args], env=ENV,
+    done = subprocess.run(tool_command("train", *args), env=ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     return done.returncode, done.stdout
 
@@ -510,7 +494,7 @@ def test_bad_sample_count_accumulates_over_phases_and_resumes(train_set, tmp_pat
     carries over from phase 0 into phase 1 and across a resume."""
     root = tmp_path
     (root / "two.yaml").write_text(TWO_PHASES)
-    url = write_set(str(root / "set"), clips=48, per_shard=24, online=ONLINE)
+    url = write_train_set(str(root / "set"), "c", 48, 0, ONLINE, per_shard=24)
     # corrupt the JPEG of one sample in each shard (sha256 recomputed: only decoding fails)
     from shards.reader import iter_shard
     from shards.writer import write_encoded_shard
@@ -559,8 +543,7 @@ def set_bytes(out: Path) -> dict[str, bytes]:
 @pytest.mark.slow  # trains or runs a shard job in a process
 def test_second_job_on_a_set_refuses_and_a_killed_holder_is_taken_over(davis, tmp_path):
     out = tmp_path / "set"
-    first = subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards"),
-                              *make_shards_args(davis, out, clips=400)], env=ENV,
+    first = subprocess.Popen(tool_command("make_shards", *make_shards_args(davis, out, clips=400)), env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -741,7 +724,7 @@ def test_too_short_listed_videos_are_warned_about_and_counted(davis, tmp_path):
 
 # ============================================================== holds today
 def test_corrupt_and_truncated_shards_are_named_by_verify_shards(tmp_path):
-    url = write_set(str(tmp_path / "set"), clips=9, per_shard=3)
+    url = write_train_set(str(tmp_path / "set"), "c", 9, 0, per_shard=3)
     truncate(tmp_path / "set" / "shard-000001.tar", 0.5)
     data = bytearray((tmp_path / "set" / "shard-000002.tar").read_bytes())
     data[700] ^= 0xFF

@@ -2,11 +2,11 @@
 sized for the trainer's split, GPU headroom, opt-in repeats."""
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import tool_command
 from pipelines.plan import SOURCE_ITEMS, format_plan, per_set, plan_stage
 from stcn.train.clip_ranges import NotEnoughClipsError, check_phase_clips
 from stcn.train.stages import load_stage
@@ -85,8 +85,8 @@ def test_clips_fraction_repeats_and_says_how_often():
 
 
 def test_plan_cli_prints_streams_and_make_per_phase_and_set():
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards"), "plan", "--stage",
-                          "2", "--gpus", "2", "--shards", "S"], capture_output=True, text=True,
+    out = subprocess.run(tool_command("make_shards", "plan", "--stage", "2", "--gpus", "2",
+                                      "--shards", "S"), capture_output=True, text=True,
                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     rows = re.findall(r"phase (\d) .* S/(\S+): streams ([\d,]+) clips, make ([\d,]+)", out.stdout)

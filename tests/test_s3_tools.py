@@ -6,17 +6,15 @@ losses of a local run; credentials stay out of every output and file."""
 import json
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import shards
 from shards import storage
-from shards.sample_clips import make_clip
 
+from conftest import TRAIN_SIZE as SIZE, tool_command, write_train_set
 from s3_servers import (
     CREDENTIALS,
     FAST_RETRIES,
@@ -51,7 +49,7 @@ def tool(name, *args, env=None, **popen):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")
                 and k != storage.ENV_OPTIONS}
     full_env.update(PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.Popen([sys.executable, str(REPO / "tools" / name), *map(str, args)],
+    return subprocess.Popen(tool_command(name, *args),
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
@@ -130,24 +128,15 @@ def test_tasks_of_one_job_write_disjoint_parts_safely(proxy, raw, tmp_path):
 
 # ------------------------------------------------------------------------------ training
 
-SIZE = 32
 ONLINE = {"hflip": {"p": 0.5, "per": "clip"}, "color_jitter_clip": {"brightness": 0.1}}
-
-
-def write_train_set(url, name, seed, source):
-    rng = np.random.default_rng(seed)
-    samples = [make_clip(rng, f"{name}{i:03d}-0", size=SIZE, n_objects=1 + i % 3) for i in range(8)]
-    infos = [shards.write_shard(f"{url}/shard-00000{k}.tar", samples[4 * k:4 * k + 4]) for k in (0, 1)]
-    shards.write_manifest(url, shards.Manifest(shards=infos, config={
-        "kind": "synthetic", "source": source, "max_skip": 5, "online": ONLINE}))
 
 
 @pytest.fixture(scope="module")
 def roots(proxy, tmp_path_factory):
     local = tmp_path_factory.mktemp("train") / "root"
     for source, seed in (("davis", 1), ("youtube", 2)):
-        write_train_set(str(local / source / "skip5"), source, seed, source)
-        write_train_set(f"s3://bkt/root/{source}/skip5", source, seed, source)
+        write_train_set(str(local / source / "skip5"), source, 8, seed, ONLINE, source=source)
+        write_train_set(f"s3://bkt/root/{source}/skip5", source, 8, seed, ONLINE, source=source)
     return local, "s3://bkt/root"
 
 

@@ -13,13 +13,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import tool_command
 from slurm_cluster import FINAL_STATES, SlurmCluster, missing_programs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,13 +64,12 @@ def data(tmp_path_factory):
     """Synthetic DAVIS and static sets, and the reference shard set made by one local process."""
     root = tmp_path_factory.mktemp("slurm_data")
     for kind, size, videos in (("davis", "64x112", "3"), ("static", "64x64", "4")):
-        subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic"), kind, str(root / kind),
-                        "--size", size, "--frames", "12" if kind == "davis" else "1", "--videos", videos],
+        subprocess.run(tool_command("make_synthetic", kind, root / kind, "--size", size,
+                                    "--frames", "12" if kind == "davis" else "1", "--videos", videos),
                        check=True, capture_output=True, cwd=REPO)
     local = root / "local"
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_shards"), "davis", str(root / "davis"),
-                    "--out", str(local), *SHARD_ARGS,
-                    "--workers", "1", "--task-index", "0", "--num-tasks", "1"],
+    subprocess.run(tool_command("make_shards", "davis", root / "davis", "--out", local, *SHARD_ARGS,
+                                "--workers", "1", "--task-index", "0", "--num-tasks", "1"),
                    check=True, capture_output=True, cwd=REPO, env={**os.environ, **ENV})
     return root
 
@@ -173,9 +172,9 @@ def test_slurm_train_requeues_on_warning_signal_and_resumes_bitwise(slurm, data,
     run_dir, log = tmp_path / "requeued", tmp_path / "requeued.out"
     job = train_job(slurm, run_dir, log, data / "local", "--time=10", iterations=iterations)
     # The reference: the same training uninterrupted, one local process, meanwhile.
-    whole = subprocess.Popen([sys.executable, str(REPO / "tools" / "train"), "--stage", "3",
-                              "--shards", str(data / "local"), "--run-dir", str(tmp_path / "whole"),
-                              "--iterations", str(iterations), *TRAIN_ARGS],
+    whole = subprocess.Popen(tool_command("train", "--stage", "3", "--shards", data / "local",
+                                         "--run-dir", tmp_path / "whole", "--iterations", iterations,
+                                         *TRAIN_ARGS),
                              cwd=REPO, env={**os.environ, **ENV},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -112,15 +112,14 @@ def test_bench_gpu_cpu_run_prints_one_table(tmp_path):
     """The GPU benchmark's functional check on CPU, tiny sizes: one training figure (the
     difference of a 1-step and a 2-step run) and CPU inference, in one table."""
     import subprocess
-    import sys
-    from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
+
+    from conftest import tool_command
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, str(repo / "tools" / "bench_gpu"), "--device", "cpu", "--gpus", "1",
+        tool_command("bench_gpu", "--device", "cpu", "--gpus", "1",
          "--workers", "0", "--size", "32", "--batch-size", "1", "--steps", "1", "--warmup", "1",
          "--clips", "8", "--frames", "2", "--height", "32", "--width", "48", "--threads", "1",
-         "--workdir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+         "--workdir", tmp_path), capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
     header, training, inference = rows[0], rows[1], rows[2]
@@ -129,6 +128,6 @@ def test_bench_gpu_cpu_run_prints_one_table(tmp_path):
     assert float(training[3]) > 0 and 0.0 <= float(training[4].strip(" %")) <= 100.0
     assert inference[0].strip() == "inference FPS, AMP off" and float(inference[5].split()[0]) > 0
     assert "AMP: CUDA only" in done.stdout
-    bad = subprocess.run([sys.executable, str(repo / "tools" / "bench_gpu"), "--gpus", "0"],
+    bad = subprocess.run(tool_command("bench_gpu", "--gpus", "0"),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--gpus" in bad.stderr

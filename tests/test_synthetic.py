@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tool_command
 from pipelines.synthetic import layouts, make_synthetic
 from pipelines.synthetic.files import MARKER
 from pipelines.synthetic.palette import davis_palette
@@ -371,7 +372,7 @@ def test_refuses_foreign_folders_and_leaves_nothing_partial(tmp_path, monkeypatc
 
 
 def test_cli_writes_a_set_and_rejects_bad_options(tmp_path):
-    tool = [sys.executable, str(REPO / "tools/make_synthetic")]
+    tool = tool_command("make_synthetic")
     out = tmp_path / "static"
     done = subprocess.run(tool + ["static", str(out), "--videos", "1", "--objects", "1",
                                   "--size", "48x64", "--seed", "5"],

@@ -19,7 +19,7 @@ import torch
 import shards
 from shards.sample_clips import make_clip
 
-from conftest import TRAIN_SIZE as SIZE, write_train_set as write_set
+from conftest import TRAIN_SIZE as SIZE, tool_command, tool_path, write_train_set as write_set
 from stcn.model.network import STCN
 from stcn.model.weights import load_stcn_weights
 from stcn.train import trainer as trainer_module
@@ -156,9 +156,9 @@ def test_nan_policy_stop_raises_with_sample_keys(tmp_path, shard_root, monkeypat
 
 def test_cli_checkpoints_and_exits_75_on_sigterm_then_resumes(tmp_path, shard_root):
     run_dir = tmp_path / "cli"
-    command = [sys.executable, str(REPO / "tools" / "train"), "--stage", "3", "--shards", str(shard_root),
-               "--run-dir", str(run_dir), "--iterations", "400", "--batch-size", "1", "--crop", str(SIZE),
-               "--workers", "0", "--device", "cpu", "--no-progress", "--log-every", "1", "--allow-repeats"]
+    command = tool_command("train", "--stage", "3", "--shards", shard_root, "--run-dir", run_dir,
+                           "--iterations", "400", "--batch-size", "1", "--crop", SIZE, "--workers", "0",
+                           "--device", "cpu", "--no-progress", "--log-every", "1", "--allow-repeats")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -187,7 +187,7 @@ def test_cli_checkpoints_and_exits_75_on_sigterm_then_resumes(tmp_path, shard_ro
 
 
 def test_cli_help_explains_every_option():
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "train"), "--help"],
+    result = subprocess.run(tool_command("train", "--help"),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     for option in ("--stage", "--shards", "--run-dir", "--load-network", "--resume", "--iterations",
@@ -208,7 +208,7 @@ def test_two_process_gloo_run_and_elastic_resume_in_one_process(tmp_path, shard_
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node", "2",
-                          str(REPO / "tools" / "train"), *common, "--stop-after", "2"],
+                          tool_path("train"), *common, "--stop-after", "2"],
                          env=env, capture_output=True, text=True, timeout=400)
     assert two.returncode == 0, two.stdout + two.stderr
     checkpoint = torch.load(run_dir / "checkpoint_000000002.pt", weights_only=False)
@@ -219,7 +219,7 @@ def test_two_process_gloo_run_and_elastic_resume_in_one_process(tmp_path, shard_
     assert "phase plan (2 process(es) x batch 1)" in (run_dir / "rank0.log").read_text()
     assert " rank 1: " in (run_dir / "rank1.log").read_text().splitlines()[0]
 
-    one = subprocess.run([sys.executable, str(REPO / "tools" / "train"), *common], env=env,
+    one = subprocess.run(tool_command("train", *common), env=env,
                          capture_output=True, text=True, timeout=400)
     assert one.returncode == 0, one.stdout + one.stderr
     assert "resuming a 2-process checkpoint with 1 processes" in one.stderr

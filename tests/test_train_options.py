@@ -3,12 +3,12 @@ stage 0, AMP selection (fp16 + GradScaler on CUDA by default, bf16 on request, f
 and how the schedule follows another iteration count. No GPU needed."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import tool_command
 from stcn.train.preflight import PreflightError, check_run
 from stcn.train.stages import STAGES, describe_schedule, load_stage, resolve_stage
 from stcn.train.trainer import AMP_MODES, TrainOptions, amp_policy, train
@@ -77,8 +77,8 @@ def test_guard_fails_before_anything_is_written(tmp_path):
 
 
 def test_cli_stage0_without_imagenet_fails_naming_the_options(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "tools/train"), "--stage", "0", "--shards",
-                             str(tmp_path / "shards"), "--run-dir", str(tmp_path / "run"), "--device", "cpu"],
+    result = subprocess.run(tool_command("train", "--stage", "0", "--shards", tmp_path / "shards",
+                                         "--run-dir", tmp_path / "run", "--device", "cpu"),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "--imagenet-resnet50" in result.stderr and "--from-scratch" in result.stderr

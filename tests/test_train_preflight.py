@@ -15,7 +15,7 @@ import yaml
 
 import shards
 
-from conftest import TRAIN_SIZE as SIZE, write_train_set as write_set
+from conftest import TRAIN_SIZE as SIZE, tool_command, write_train_set as write_set
 from stcn.train.preflight import PreflightError, check_run
 from stcn.train.runrecord import rank_log
 from stcn.train.stages import load_stage
@@ -26,7 +26,7 @@ ONLINE = {"hflip": {"p": 0.5, "per": "clip"}}
 
 
 def run_tool(*args, timeout=120):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "train"), *map(str, args)],
+    return subprocess.run(tool_command("train", *args),
                           capture_output=True, text=True, timeout=timeout)
 
 
