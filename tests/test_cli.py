@@ -58,7 +58,7 @@ def test_installed_commands_run_outside_the_checkout(tmp_path):
     located = subprocess.run([str(python), "-c", "import stcn, stcn_tools; print(stcn.__file__); "
                               "print(stcn_tools.__file__)"], cwd=elsewhere, env=env,
                              capture_output=True, text=True, check=True).stdout.split()
-    assert all(Path(p).is_relative_to(venv) for p in located), located
+    assert len(located) == 2 and all(Path(p).is_relative_to(venv) for p in located), located
     for command in console_scripts():
         result = subprocess.run([command, "--help"], cwd=elsewhere, env=env, capture_output=True,
                                 text=True, timeout=120)

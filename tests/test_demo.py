@@ -96,7 +96,9 @@ def test_report_holds_every_part(demo):
     for part in ("Held-out J&amp;F", "Training curves", "Shard clips", "Steps", "TensorBoard", "Verdict"):
         assert part in page, part
     assert f"tensorboard --logdir {out / 'runs'}" in page
-    for image in re.findall(r"<img src='([^']+)'", page):
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert images, "the report shows no image"
+    for image in images:
         assert (out / "report" / image).stat().st_size > 0, image
     # the curves hold both stages' points
     curve = (out / "report" / "curve0.svg").read_text()
