@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_tool, tool_path
+from conftest import TOOLS, load_tool, tool_path
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = REPO / "tools"
 
 
 def tool_scripts() -> list[str]:
