@@ -39,9 +39,13 @@ def parse_size(text) -> int:
 
 @dataclass
 class CachedShard:
-    """An open cached shard: read `file`; `close()` releases it for eviction."""
+    """An open cached shard: `read()` its bytes; `close()` releases it for eviction."""
     file: object
     hit: bool          # True when no download was needed
+    data: bytes | None = None  # a download's bytes, kept: no need to read the file back
+
+    def read(self) -> bytes:
+        return self.data if self.data is not None else self.file.read()
 
     def close(self) -> None:
         self.file.close()  # closing the descriptor drops its shared lock
@@ -74,7 +78,7 @@ class ShardCache:
         node has not yet. Raises storage errors (ChecksumError, StorageError, ...)."""
         path = self.path(info)
         f = self._open_locked(path, info.bytes)
-        hit = f is not None
+        hit, data = f is not None, None
         if f is None:
             with open(path.removesuffix(".tar") + ".lock", "a+b") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # one download per shard per node
@@ -90,7 +94,7 @@ class ShardCache:
         os.utime(path)  # the LRU clock
         if not hit:
             self.evict(keep=path)
-        return CachedShard(f, hit)
+        return CachedShard(f, hit, data)
 
     def usage(self) -> int:
         return sum(e.stat().st_size for e in os.scandir(self.directory)

@@ -135,7 +135,7 @@ class ShardFetcher:
             yield from iter_shard(url, info, verify=False, data=got)
             return
         try:  # a cached shard: read under its lock, so it is not evicted meanwhile
-            yield from iter_shard(url, info, verify=False, data=got.file.read())
+            yield from iter_shard(url, info, verify=False, data=got.read())
         finally:
             got.close()
 
