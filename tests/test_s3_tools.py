@@ -209,3 +209,13 @@ def test_make_shards_streams_bl30k_archives_from_s3(proxy, tmp_path):
     run_job(JobConfig("bl30k", "s3://bkt/bl30k-src", "s3://bkt/bl30k-out", **job), progress=False)
     assert proxy.faults() > faults
     assert shard_digests("s3://bkt/bl30k-out") == shard_digests(str(tmp_path / "local"))
+
+
+def test_bench_loader_writes_a_remote_synthetic_set_and_compares_it_with_local(proxy):
+    url = "s3://bkt/bench-cli"
+    code, out, err = finish(tool("bench_loader", url, "--make-synthetic", "8",
+                                 "--clips-per-shard", "4", "--workers", "0", "--batch-size", "4",
+                                 "--repeats", "1", "-q", env=storage_env(proxy.url)))
+    assert code == 0, err
+    assert [s.count for s in shards.read_manifest(url).shards] == [4, 4]
+    assert "8 clips" in out and "remote cold cache" in out and "remote/local" in out
