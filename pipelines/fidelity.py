@@ -42,6 +42,7 @@ from PIL import Image
 from shards import console
 
 from pipelines.driver import JobConfig, make_clip, make_plan
+from pipelines.kinds import source_kind
 from pipelines.synthetic import make_synthetic
 
 #: mean channel value (0..255) below which an output pixel counts as fill (see module doc)
@@ -64,13 +65,18 @@ class Scenario:
     max_skip: int = 0  # curriculum max skip in raw frames (0 for static)
 
     @property
+    def video(self) -> bool:
+        """Clips of videos (max skip, frame gaps and a second object apply), not of images."""
+        return source_kind(self.kind).video
+
+    @property
     def label(self) -> str:
-        return self.kind if self.kind == "static" else f"{self.kind} max skip {self.max_skip}"
+        return f"{self.kind} max skip {self.max_skip}" if self.video else self.kind
 
     @classmethod
     def parse(cls, text: str) -> "Scenario":
         kind, _, skip = text.partition(":")
-        if kind not in DATA_SPECS or (kind == "static") != (skip == ""):
+        if kind not in DATA_SPECS or source_kind(kind).video == (skip == ""):
             raise ValueError(f"scenario {text!r}: expected static or KIND:MAX_SKIP with KIND "
                              "davis, youtube or bl30k (e.g. davis:10)")
         return cls(kind, int(skip) if skip else 0)
@@ -149,10 +155,11 @@ def ours_records(scenario: Scenario, root: Path, clips: int, seed: int = 0,
                  progress: bool = False) -> list[dict]:
     """Records of `clips` clips of our pipeline, every item visited in turn (round-robin,
     as a shard set's rounds visit them)."""
-    kwargs = {"subset": "all"} if scenario.kind in ("davis", "youtube") else {}
+    kind = source_kind(scenario.kind)
+    kwargs = {"subset": "all"} if kind.subset else {}
     plan = make_plan(JobConfig(scenario.kind, str(root), "unused", clips=max(clips, 1),
                                max_skip=scenario.max_skip or 5, seed=seed, **kwargs))
-    items = plan.source.items if scenario.kind == "static" else plan.source.videos
+    items = kind.items(plan.source)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     records = []
     for i in console.progress(range(clips), desc=f"ours {scenario.label}", unit="clip",
@@ -190,36 +197,48 @@ def _import_published(checkout: str, torchvision_dir: str | None, thinplate_dir:
     return StaticTransformDataset, VOSDataset
 
 
+def _published_static(root: Path, max_skip: int, static_cls, vos_cls):
+    from torch.utils.data import ConcatDataset
+    parts = [static_cls(str(root / "fss"), method=0)]
+    parts += [static_cls(str(root / name), method=1) for name in ("DUTS-TR", "DUTS-TE", "ecssd")]
+    parts += [static_cls(str(root / "BIG_small"), method=1),
+              static_cls(str(root / "HRSOD_small"), method=1)] * 5
+    return ConcatDataset(parts)
+
+
+def _published_davis(root: Path, max_skip: int, static_cls, vos_cls):
+    base = root / "2017" / "trainval"
+    names = (base / "ImageSets" / "2017" / "train.txt").read_text().split()
+    return vos_cls(str(base / "JPEGImages" / "480p"), str(base / "Annotations" / "480p"),
+                   max_skip, is_bl=False, subset=set(names))
+
+
+def _published_youtube(root: Path, max_skip: int, static_cls, vos_cls):
+    base = root / "train_480p"
+    return vos_cls(str(base / "JPEGImages"), str(base / "Annotations"), max_skip // 5,
+                   is_bl=False)
+
+
+def _published_bl30k(root: Path, max_skip: int, static_cls, vos_cls):
+    base = root / "BL30K"
+    return vos_cls(str(base / "JPEGImages"), str(base / "Annotations"), max_skip, is_bl=True)
+
+
+#: per kind, the published data set as its train.py builds it (kinds the published code has)
+PUBLISHED_DATASETS = {"static": _published_static, "davis": _published_davis,
+                      "youtube": _published_youtube, "bl30k": _published_bl30k}
+
+
 def _published_dataset(scenario: Scenario, root: Path, classes):
-    static_cls, vos_cls = classes
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its set sizes
-        if scenario.kind == "static":
-            from torch.utils.data import ConcatDataset
-            parts = [static_cls(str(root / "fss"), method=0)]
-            parts += [static_cls(str(root / name), method=1)
-                      for name in ("DUTS-TR", "DUTS-TE", "ecssd")]
-            parts += [static_cls(str(root / "BIG_small"), method=1),
-                      static_cls(str(root / "HRSOD_small"), method=1)] * 5
-            return ConcatDataset(parts)
-        if scenario.kind == "davis":
-            base = root / "2017" / "trainval"
-            names = (base / "ImageSets" / "2017" / "train.txt").read_text().split()
-            return vos_cls(str(base / "JPEGImages" / "480p"), str(base / "Annotations" / "480p"),
-                           scenario.max_skip, is_bl=False, subset=set(names))
-        if scenario.kind == "youtube":
-            base = root / "train_480p"
-            return vos_cls(str(base / "JPEGImages"), str(base / "Annotations"),
-                           scenario.max_skip // 5, is_bl=False)
-        base = root / "BL30K"
-        return vos_cls(str(base / "JPEGImages"), str(base / "Annotations"), scenario.max_skip,
-                       is_bl=True)
+        return PUBLISHED_DATASETS[scenario.kind](root, scenario.max_skip, *classes)
 
 
-def _published_record(dataset, sample: dict, kind: str) -> dict:
+def _published_record(dataset, sample: dict, video: bool) -> dict:
     rgb = sample["rgb"].numpy() * _STD + _MEAN                  # (T, 3, H, W), 0..1
     frames = np.clip(rgb.transpose(0, 2, 3, 1) * 255.0, 0, 255)
     gt = np.asarray(sample["gt"])[:, 0] > 0.5                    # (T, H, W); static: soft
-    if kind == "static":
+    if not video:
         indices, second = [0, 0, 0], False
     else:
         info = sample["info"]
@@ -263,7 +282,7 @@ def _published_worker(checkout, kind, max_skip, root, clips, seed, torchvision_d
     for i in console.progress(range(clips), desc=f"published {scenario.label}", unit="clip",
                               enabled=progress):
         sample = dataset[i % len(dataset)]
-        records.append(_published_record(dataset, sample, kind))
+        records.append(_published_record(dataset, sample, scenario.video))
     return records
 
 
@@ -368,7 +387,7 @@ def _verdict(ok: bool | None) -> str:
 def report(scenario: Scenario, pub: list[dict] | None, ours: list[dict],
            z: float = DEFAULT_Z) -> list[str]:
     """Markdown lines: the side-by-side table of one scenario and its gap histogram."""
-    video = scenario.kind != "static"
+    video = scenario.video
     s_ours = summarize(ours, video)
     s_pub = summarize(pub, video) if pub else {}
     lines = [f"### {scenario.label} ({len(pub) if pub else 0} published clips, "
@@ -410,7 +429,7 @@ def summary_lines(results: dict, scenarios, z: float = DEFAULT_Z) -> list[str]:
              + " | gap histogram |", "|---" * (len(SUMMARY_COLUMNS) + 2) + "|"]
     for scenario in scenarios:
         pub, ours = (results[scenario.label][k] for k in ("published", "ours"))
-        video = scenario.kind != "static"
+        video = scenario.video
         s_pub, s_ours = (summarize(pub, video) if pub else {}), summarize(ours, video)
         cells = []
         for name in SUMMARY_COLUMNS:
@@ -451,7 +470,7 @@ def run_fidelity(workdir, clips: int, published: str | None = None,
     results = {}
     for scenario in scenarios:
         root = roots[scenario.kind]
-        count = static_clips if scenario.kind == "static" and static_clips else clips
+        count = static_clips if not scenario.video and static_clips else clips
         # the published process runs while this one draws our clips (two cores when free)
         with ThreadPoolExecutor(1) as pool:
             pending = (pool.submit(published_records, published, scenario, root, count, seed,
