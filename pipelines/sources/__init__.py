@@ -3,7 +3,6 @@ from pipelines.sources.base import (
     FrameStore,
     LayoutError,
     Video,
-    decode_binary_mask,
     decode_ids,
     decode_image,
 )
@@ -22,7 +21,7 @@ from pipelines.sources.video_tree import (
     open_youtube,
 )
 
-__all__ = ["FrameStore", "LayoutError", "Video", "decode_binary_mask", "decode_ids",
+__all__ = ["FrameStore", "LayoutError", "Video", "decode_ids",
            "decode_image", "MemoryFrames", "archive_name", "iter_archive_videos",
            "list_archives", "STATIC_SETS", "StaticItem", "StaticSource", "open_static",
            "SUBSET_HELP", "VideoTree", "open_bl30k_tree", "open_davis", "open_youtube"]

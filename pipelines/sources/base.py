@@ -117,15 +117,6 @@ def decode_ids(data: bytes, where: str) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
 
 
-def decode_binary_mask(data: bytes, where: str) -> np.ndarray:
-    """Foreground (1) / background (0) uint8 map from a saliency mask (0..255, any PNG mode),
-    thresholded at half intensity as the published loader does."""
-    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if gray is None:
-        raise ValueError(f"{where}: not a readable mask image")
-    return (gray > 127).astype(np.uint8)
-
-
 def decode_gray_mask(data: bytes, where: str) -> np.ndarray:
     """A saliency mask as 8-bit gray (0..255, any PNG mode): the static pipeline warps it
     as a soft mask and thresholds it at half intensity afterwards, as published."""
