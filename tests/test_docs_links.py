@@ -1,6 +1,7 @@
 """Relative links in README.md and docs/*.md point to files that exist, and their #anchors to
 headings that exist (GitHub's rule for heading anchors), so moving a section cannot leave a
-dead link behind."""
+dead link behind; the files the documents name (and every path on the architecture map)
+exist, so moving a module cannot leave a stale map."""
 import re
 from pathlib import Path
 
@@ -10,6 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+#: a path in the repository as the documents write it (placeholders like tools/NAME, globs
+#: and brace lists excepted below)
+PATH = re.compile(r"(?<![\w/.~$-])((?:shards|pipelines|stcn|tools|jobs|tests|docs|\.ci)/[\w./-]*[\w/])"
+                  r"(?![\w{*<%-])")
 
 
 def anchors(path):
@@ -49,3 +54,15 @@ def test_relative_links_resolve(doc):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target}: no heading with anchor #{anchor} in {dest.name}")
     assert not broken, f"{doc.name}: " + "; ".join(broken)
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_named_files_exist(doc):
+    """Every file path with an extension exists; on the architecture map, every path (folders
+    too). Command examples name output folders (shards/davis/skip5) that are not files here."""
+    every = doc.name == "ARCHITECTURE.md"
+    named = {m.group(1) for m in PATH.finditer(doc.read_text())}
+    checked = [p for p in named if "NAME" not in p and (every or re.search(r"\.\w+$", p))]
+    assert checked, f"{doc.name} names no file: the pattern is broken"
+    missing = sorted(p for p in checked if not (ROOT / p).exists())
+    assert not missing, f"{doc.name} names files that do not exist: {missing}"
