@@ -67,7 +67,7 @@ def test_installed_commands_run_outside_the_checkout(tmp_path):
 
 # ---- one option vocabulary ------------------------------------------------------------
 
-# Competing spellings of the shared options (README "Options shared by every tool"):
+# Competing spellings of the shared options (README "Commands and shared options"):
 # none may be visible in any --help; the former ones still work, with a warning.
 SYNONYMS = {"--out": ("--output", "--json-out", "--output-dir", "--out-dir"),
             "--workers": ("--score-workers", "--num-workers", "--jobs"),

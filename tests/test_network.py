@@ -1,7 +1,7 @@
 """STCN network, weight loading, memory reading and soft aggregation (CPU, tiny inputs).
 
 Equivalence with the published implementation at full numerical detail was measured
-outside the repository (see README, section stcn); these tests pin the behaviour down
+outside the repository (see docs/FIDELITY.md); these tests pin the behaviour down
 through the public API: checkpoint layout, loading, shapes, determinism, frozen
 BatchNorm, and the memory/aggregation formulas against direct NumPy computations.
 """
