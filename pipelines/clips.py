@@ -52,48 +52,57 @@ def clip_order(seed: int, kind: str, count: int, start: int, stop: int) -> list[
             for i in range(start, stop)]
 
 
-def _check_size(store, video: Video, name: str, image: np.ndarray, mask: np.ndarray,
-                first: np.ndarray, first_name: str, kind: str) -> None:
-    """A mask must match its frame, and frames of one video one another: a clear error
-    naming the video and the files otherwise."""
-    def files(frame):
-        if hasattr(store, "image_dir"):
-            return (store.image_dir / video.name / f"{frame}.jpg",
-                    store.mask_dir / video.name / f"{frame}.png")
-        return f"{frame}.jpg", f"{frame}.png"
+def _files(store, video: Video, frame: str):
+    """A frame's image and annotation files, as an error message names them."""
+    if hasattr(store, "image_dir"):
+        return (store.image_dir / video.name / f"{frame}.jpg",
+                store.mask_dir / video.name / f"{frame}.png")
+    return f"{frame}.jpg", f"{frame}.png"
 
-    def size(array):
-        return f"{array.shape[1]}x{array.shape[0]}"
 
-    jpg, png = files(name)
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"{kind} video {video.name}: mask {png} is {size(mask)} but its frame "
-                         f"{jpg} is {size(image)}; masks must have their frame's size "
-                         "(re-export that annotation)")
-    if image.shape[:2] != first.shape[:2]:
-        raise ValueError(f"{kind} video {video.name}: frame {jpg} is {size(image)} but frame "
-                         f"{files(first_name)[0]} is {size(first)}; frames of one video must "
-                         "share one size")
+def _size(array: np.ndarray) -> str:
+    return f"{array.shape[1]}x{array.shape[0]}"
+
+
+class VideoFrame:
+    """One frame of a video as its clips use it: the id map, decoded when the frame is
+    read, and the image, decoded when a kept attempt first needs it (an attempt that is
+    retried uses only its masks)."""
+
+    def __init__(self, jpg: bytes, png: bytes, where: str, files):
+        self.where, self.files = where, files
+        self.ids = decode_ids(png, where)
+        self._jpg, self._image = jpg, None
+
+    def image(self) -> np.ndarray:
+        if self._image is None:
+            image = decode_image(self._jpg, self.where)
+            if image.shape[:2] != self.ids.shape:
+                raise ValueError(f"{self.where}: mask {self.files[1]} is {_size(self.ids)} but "
+                                 f"its frame {self.files[0]} is {_size(image)}; masks must "
+                                 "have their frame's size (re-export that annotation)")
+            self._image, self._jpg = image, None
+        return self._image
 
 
 class DecodedFrames:
-    """Decoded frames (image, id map) of one video, shared by the clips a worker makes from
-    it: a frame that several clips draw is read and decoded once (about a fifth of the
-    frames of a 500-clip DAVIS shard: 60 videos of ~70 frames, max skip 10). Holds at most
-    `capacity` frames (~1.6 MB each at 480p), dropping the least recently used. Clips only
-    read the arrays, so sharing them changes no clip."""
+    """Frames (VideoFrame) of one video, shared by the clips a worker makes from it: a frame
+    that several clips draw is read and decoded once (about a fifth of the frames of a
+    500-clip DAVIS shard: 60 videos of ~70 frames, max skip 10). Holds at most `capacity`
+    frames (~1.6 MB each at 480p), dropping the least recently used. Clips only read the
+    arrays, so sharing them changes no clip."""
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
-        self._frames: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._frames: OrderedDict[tuple[str, str], VideoFrame] = OrderedDict()
 
-    def get(self, video: str, frame: str) -> tuple[np.ndarray, np.ndarray] | None:
+    def get(self, video: str, frame: str) -> VideoFrame | None:
         found = self._frames.get((video, frame))
         if found is not None:
             self._frames.move_to_end((video, frame))
         return found
 
-    def put(self, video: str, frame: str, decoded: tuple[np.ndarray, np.ndarray]) -> None:
+    def put(self, video: str, frame: str, decoded: VideoFrame) -> None:
         self._frames[video, frame] = decoded
         if len(self._frames) > self.capacity:
             self._frames.popitem(last=False)
@@ -106,37 +115,40 @@ def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, 
     max_skip // frame_step listed frames (TripletSampler: gaps up to J + 1), augmented;
     retried with new frames and a new augmentation (a new generator per attempt) until
     frame 0 holds an eligible object, up to ATTEMPTS; then kept with "objects": [], as
-    published. An attempt's masks are warped and checked before its images. `cache`: decoded frames shared with other clips of `video` (the same clip
-    with or without)."""
+    published. An attempt's masks are warped and checked first: its images are decoded and
+    warped (the costly part) only if it is kept. `cache`: frames shared with other clips
+    of `video` (the same clip with or without)."""
     sampler = TripletSampler(max(1, max_skip // frame_step))
     cache = DecodedFrames() if cache is None else cache
     for attempt in range(ATTEMPTS):
         rng = clip_rng(seed, kind, video.name, round_, attempt)
         indices = sampler.sample(len(video.frames), rng)
         names = [video.frames[i] for i in indices]
-        decoded = []
+        frames = []
         for name in names:
-            found = cache.get(video.name, name)
-            if found is None:
-                jpg, png = store.read(video.name, name)
-                where = f"{kind} video {video.name} frame {name}"
-                found = decode_image(jpg, where), decode_ids(png, where)
-                _check_size(store, video, name, *found, (decoded or [found])[0][0],
-                            names[0], kind)
-                cache.put(video.name, name, found)
-            decoded.append(found)
-        h, w = decoded[0][1].shape
+            frame = cache.get(video.name, name)
+            if frame is None:
+                frame = VideoFrame(*store.read(video.name, name),
+                                   f"{kind} video {video.name} frame {name}",
+                                   _files(store, video, name))
+                cache.put(video.name, name, frame)
+            if frames and frame.ids.shape != frames[0].ids.shape:
+                raise ValueError(f"{kind} video {video.name}: annotation {frame.files[1]} is "
+                                 f"{_size(frame.ids)} but {frames[0].files[1]} is "
+                                 f"{_size(frames[0].ids)}; frames of one video must share "
+                                 "one size")
+            frames.append(frame)
+        h, w = frames[0].ids.shape
         clip = video_warps(rng, (w, h), len(names), aug)
-        masks = clip.masks([d[1] for d in decoded])
+        masks = clip.masks([f.ids for f in frames])
         objects = eligible_objects(masks, size_rule)
-        if objects or attempt == ATTEMPTS - 1:  # the images' warps (the costly part) only
-            frames = clip.images([d[0] for d in decoded])  # for the clip that is kept
+        if objects or attempt == ATTEMPTS - 1:
+            images = clip.images([f.image() for f in frames])
             break
-    params = clip.params
     meta = {"source": kind, "video": video.name, "frames": names, "frame_index": indices,
             "max_skip": max_skip, "frame_step": frame_step, "seed": seed, "round": round_,
-            "attempt": attempt, "objects": objects, "augment": params}
-    return {"__key__": clip_key(video.name, round_), "frames": frames, "masks": masks,
+            "attempt": attempt, "objects": objects, "augment": clip.params}
+    return {"__key__": clip_key(video.name, round_), "frames": images, "masks": masks,
             "meta": meta}
 
 

@@ -93,6 +93,27 @@ def _clip(store, video, round_, max_skip=2):
                            frame_step=1, aug=VIDEO_AUGMENT, size_rule=False)
 
 
+def test_frames_of_other_sizes_are_named():
+    """Masks are decoded before the images (an attempt that is retried needs no image), and
+    every size is still checked: the error names the files and the fix."""
+    store, video = _video(5, lambda k: True)
+    frames = store.frames["v"]
+    small = cv2.imencode(".png", np.ones((48, 64), np.uint8))[1].tobytes()
+    for name in frames:  # every annotation smaller than its frame
+        frames[name] = (frames[name][0], small)
+    with pytest.raises(ValueError, match=r"mask 0000\d\.png is 64x48 but its frame "
+                                         r"0000\d\.jpg is 128x96.*re-export"):
+        _clip(store, video, 0)
+    store, video = _video(5, lambda k: True)
+    small_jpg = cv2.imencode(".jpg", np.full((48, 64, 3), 90, np.uint8))[1].tobytes()
+    for name in video.frames[1:]:  # frame 0 (image and annotation) differs from the others
+        store.frames["v"][name] = (small_jpg, small)
+    with pytest.raises(ValueError, match=r"annotation 0000\d\.png is \d+x\d+ but 0000\d\.png "
+                                         r"is \d+x\d+; frames of one video must share one size"):
+        for round_ in range(20):  # until a clip draws frame 0 and another
+            _clip(store, video, round_)
+
+
 def test_retry_until_frame_zero_holds_an_object_then_keep_without_target():
     # the object is only in the last 3 of 12 frames: most first tries miss it
     store, video = _video(12, lambda k: k >= 9)
