@@ -403,3 +403,19 @@ def test_speed_scales_motion_and_default_sets_do_not_record_it(tmp_path):
     assert json.loads((slow / MARKER).read_text())["speed"] == 0.2
     with pytest.raises(ValueError, match="speed must be positive"):
         make_synthetic("davis", tmp_path / "bad", videos=1, speed=0)
+
+
+def test_object_scale_makes_larger_objects_and_default_sets_do_not_record_it(tmp_path):
+    """--object-scale above 1: the scenes' objects cover more of each frame."""
+    def cover(root):
+        ann = sorted((Path(root) / "2017/trainval/Annotations/480p").glob("train-*"))[0]
+        return np.mean([(np.array(Image.open(png)) > 0).mean() for png in sorted(ann.glob("*.png"))])
+
+    normal = make_synthetic("davis", tmp_path / "normal", videos=1, frames=6, objects=2, size=(64, 96))
+    large = make_synthetic("davis", tmp_path / "large", videos=1, frames=6, objects=2, size=(64, 96),
+                           object_scale=2.0)
+    assert cover(large) > 1.5 * cover(normal)
+    assert "object_scale" not in json.loads((normal / MARKER).read_text())
+    assert json.loads((large / MARKER).read_text())["object_scale"] == 2.0
+    with pytest.raises(ValueError, match="object_scale must be positive"):
+        make_synthetic("davis", tmp_path / "bad", videos=1, object_scale=0)

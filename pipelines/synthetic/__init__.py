@@ -41,7 +41,8 @@ __all__ = ["KINDS", "DEFAULT_FRAMES", "make_synthetic", "resolve_spec", "Synthet
 
 
 def resolve_spec(kind: str, *, videos: int = 6, frames: int | None = None, objects: int = 3,
-                 seed: int = 0, size: tuple[int, int] | None = None, speed: float = 1.0) -> SyntheticSpec:
+                 seed: int = 0, size: tuple[int, int] | None = None, speed: float = 1.0,
+                 object_scale: float = 1.0) -> SyntheticSpec:
     """Check the parameters and fill in the kind's defaults; one clear error per mistake."""
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -56,12 +57,15 @@ def resolve_spec(kind: str, *, videos: int = 6, frames: int | None = None, objec
         raise ValueError(f"objects must be in 1..{MAX_OBJECTS}, got {objects}")
     if not speed > 0:
         raise ValueError(f"speed must be positive, got {speed}")
+    if not object_scale > 0:
+        raise ValueError(f"object_scale must be positive, got {object_scale}")
     if size is not None:
         size = (int(size[0]), int(size[1]))
         if min(size) < MIN_SIDE:
             raise ValueError(f"size (H, W) must be at least {MIN_SIDE}x{MIN_SIDE}, got {size[0]}x{size[1]}")
     return SyntheticSpec(kind=kind, videos=int(videos), frames=frames, objects=int(objects),
-                         seed=int(seed), size=size, speed=float(speed))
+                         seed=int(seed), size=size, speed=float(speed),
+                         object_scale=float(object_scale))
 
 
 def units_of_work(spec: SyntheticSpec) -> int:
@@ -77,19 +81,21 @@ def units_of_work(spec: SyntheticSpec) -> int:
 
 def make_synthetic(kind: str, out, *, videos: int = 6, frames: int | None = None,
                    objects: int = 3, seed: int = 0, size: tuple[int, int] | None = None,
-                   overwrite: bool = False, progress: bool = False, speed: float = 1.0) -> Path:
+                   overwrite: bool = False, progress: bool = False, speed: float = 1.0,
+                   object_scale: float = 1.0) -> Path:
     """Generate a synthetic `kind` data set under `out` in its official layout; return `out`.
 
     kind: "davis", "youtube", "bl30k" or "static". videos: training videos (held-out
     splits get ceil(videos / 3) each; static: images per set, classes for FSS-1000).
     frames: rendered frames per video (default per kind, DEFAULT_FRAMES). objects: objects
     per video. size: (H, W), or None for each set's real size. speed: scales all motion
-    (objects and camera; 1 = the default scenes, same bytes as before the option). The set appears at `out`
+    (objects and camera; 1 = the default scenes, same bytes as before the option). object_scale:
+    scales the objects' size in videos (davis, youtube, bl30k; 1 = the default scenes). The set appears at `out`
     only once complete; `out` must be new or empty, or an earlier synthetic set with
     `overwrite`. Same arguments, same bytes.
     """
     spec = resolve_spec(kind, videos=videos, frames=frames, objects=objects, seed=seed, size=size,
-                        speed=speed)
+                        speed=speed, object_scale=object_scale)
     out = Path(out)
     with staged_output(out, overwrite=overwrite) as staging, \
             console.progress(total=units_of_work(spec), unit="video", desc=f"synthetic {kind}",
@@ -100,5 +106,7 @@ def make_synthetic(kind: str, out, *, videos: int = 6, frames: int | None = None
                                       "objects": spec.objects, "seed": spec.seed,
                                       "size": list(spec.size) if spec.size else None,
                                       # only when changed: default sets keep their bytes
-                                      **({"speed": spec.speed} if spec.speed != 1.0 else {})})
+                                      **({"speed": spec.speed} if spec.speed != 1.0 else {}),
+                                      **({"object_scale": spec.object_scale}
+                                         if spec.object_scale != 1.0 else {})})
     return out

@@ -50,6 +50,7 @@ class SyntheticSpec:
     seed: int
     size: tuple[int, int] | None  # None: each set's real size
     speed: float = 1.0  # scales all motion (objects, camera pan); 1 = the default scenes
+    object_scale: float = 1.0  # scales the objects' size (davis, youtube, bl30k); 1 = default
 
 
 Progress = Callable[[int], None]
@@ -100,7 +101,8 @@ def write_davis(root: Path, spec: SyntheticSpec, progress: Progress) -> None:
         names[split] = [f"{split}-{i:03d}" for i in range(count)]
         for i, video in enumerate(names[split]):
             scene = make_scene(scene_rng(spec, split, i), size, spec.frames,
-                               [ObjectSpec(k) for k in range(1, spec.objects + 1)], speed=spec.speed)
+                               [ObjectSpec(k) for k in range(1, spec.objects + 1)], speed=spec.speed,
+                               object_scale=spec.object_scale)
             for t, jpeg, ids in encoded_frames(scene):
                 name = frame_name(t)
                 png = indexed_png_bytes(ids)
@@ -160,7 +162,7 @@ def write_youtube(root: Path, spec: SyntheticSpec, progress: Progress) -> None:
             rng = scene_rng(spec, split, i)
             video = rng.bytes(5).hex()
             scene = make_scene(rng, size, spec.frames, youtube_objects(rng, spec.objects, spec.frames),
-                               speed=YOUTUBE_SPEED * spec.speed)
+                               speed=YOUTUBE_SPEED * spec.speed, object_scale=spec.object_scale)
             categories = {obj.object_id: obj.sprite.shape for obj in scene.objects}
             first_seen: dict[int, str] = {}
             annotated: list[str] = []
@@ -214,7 +216,8 @@ def write_bl30k(root: Path, spec: SyntheticSpec, progress: Progress) -> None:
     videos = [f"bl{i:05d}" for i in range(spec.videos)]
     for i, video in enumerate(videos):
         scene = make_scene(scene_rng(spec, "train", i), size, spec.frames,
-                           bl30k_objects(spec.objects, i), speed=spec.speed)
+                           bl30k_objects(spec.objects, i), speed=spec.speed,
+                           object_scale=spec.object_scale)
         for t, jpeg, ids in encoded_frames(scene):
             write_file(root / "BL30K/JPEGImages" / video / f"{frame_name(t)}.jpg", jpeg)
             write_file(root / "BL30K/Annotations" / video / f"{frame_name(t)}.png",

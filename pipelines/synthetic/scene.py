@@ -206,12 +206,13 @@ def _draw_motion(rng: np.random.Generator, size: tuple[int, int], frames: int, r
 
 def make_scene(rng: np.random.Generator, size: tuple[int, int], frames: int,
                objects: Sequence[ObjectSpec], *, wanderer: bool = True, speed: float = 1.0,
-               sprites: dict[int, Sprite] | None = None) -> Scene:
+               sprites: dict[int, Sprite] | None = None, object_scale: float = 1.0) -> Scene:
     """Draw a scene: sprites, depth order, trajectories and camera pan.
 
     `wanderer` makes one object that starts in frame 0 leave the frame and come back (needs
     at least 6 frames). `speed` scales all motion (YouTubeVOS is annotated every 5th frame, so
-    its layout asks for slower objects). `sprites` overrides the appearance of given ids (the
+    its layout asks for slower objects). `object_scale` scales the size of the regular objects
+    (not the ones of a given `area`). `sprites` overrides the appearance of given ids (the
     few-shot classes of FSS-1000 share one look). Positions are redrawn until every object
     shows at least MIN_VISIBLE_FRACTION of itself in its first frame.
     """
@@ -230,7 +231,7 @@ def make_scene(rng: np.random.Generator, size: tuple[int, int], frames: int,
             made[spec.object_id] = given
             continue
         if spec.area is None:
-            radius = rng.uniform(0.1, 0.2) * unit
+            radius = rng.uniform(0.1, 0.2) * unit * object_scale
             hue = (hue0 + k / max(len(regular), 1) + rng.uniform(-0.04, 0.04)) % 1.0
             shape = None
             hues.append(hue)
