@@ -34,6 +34,7 @@ from pathlib import Path
 import cv2
 
 from pipelines.driver import JobConfig, listed_encoded, make_plan
+from pipelines.job.pool import configure_worker
 from pipelines.kinds import source_kind
 
 #: what the benchmark generates, per kind (make_synthetic arguments): DAVIS-size frames, and
@@ -150,7 +151,7 @@ def run_benchmark(clips: int = 60, published: str | None = None, published_clips
     {"ours": Rate, "ours_bytes_per_clip", "published": Rate or None, "ratio": float or None}.
     `size` (H, W) replaces the real frame sizes (tests)."""
     from pipelines.synthetic import make_synthetic
-    cv2.setNumThreads(1)
+    configure_worker()  # our side runs as a shard-making worker does
     results = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for kind in kinds:
