@@ -240,8 +240,12 @@ class FrameWarp:
                               borderMode=cv2.BORDER_CONSTANT, borderValue=len(self.fills))
         self.label = label
         self.valid = cv2.compare(label, 0, cv2.CMP_EQ)  # 255 where the pixel is image
-        self.fill = self.valid == 0
         self.fill_fraction = 1.0 - cv2.countNonZero(self.valid) / (size * size)
+
+    @property
+    def fill(self) -> np.ndarray:
+        """(size, size) bool: the pixel is some step's fill."""
+        return self.valid == 0
 
     def _warp(self, src, inv, interpolation, value, dst=None):
         if self.qx is None:
