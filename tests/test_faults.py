@@ -447,6 +447,43 @@ def test_second_ctrl_c_aborts_at_once(train_set, tmp_path):
 
 
 @pytest.mark.slow  # trains or runs a shard job in a process
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(train_set, tmp_path):
+    """kill -9 while a checkpoint is being written (its temporary file exists, hundreds of MB):
+    the checkpoints before it stay whole, and the next start removes the temporary file with
+    a log line and resumes from the newest whole checkpoint."""
+    run_dir = tmp_path / "run"
+    process, output = start_training(train_args(train_set, run_dir, 0, 400, "one.yaml",
+                                                "--checkpoint-every", 1))
+    temps: list[Path] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not temps and time.monotonic() < deadline and process.poll() is None:
+            if list(run_dir.glob("checkpoint_*.pt")):  # one whole checkpoint, the next being written
+                temps = list(run_dir.glob(".checkpoint_*.pt.tmp-*"))
+            time.sleep(0.002)
+        os.killpg(process.pid, signal.SIGKILL)
+        text = output.finish()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL, text
+    assert temps and temps[0].exists(), f"the kill missed the write: {text}"
+    whole = sorted(run_dir.glob("checkpoint_*.pt"))
+    newest = int(whole[-1].stem.split("_")[1])
+    assert f"checkpoint_{newest + 1:09d}.pt" in temps[0].name  # the one being written
+    for path in whole:
+        assert load_checkpoint(path)["iteration"] == int(path.stem.split("_")[1])
+
+    code, text = run_training(train_args(train_set, run_dir, 0, 400, "one.yaml",
+                                         "--checkpoint-every", 1, "--stop-after", newest + 1))
+    assert code == 0, text
+    assert f"removed {temps[0]}" in text and "left by a save that was killed" in text, text
+    assert f"resumed from {whole[-1]} at iteration {newest}" in text, text
+    assert not list(run_dir.glob(".checkpoint_*.tmp-*"))
+    assert load_checkpoint(run_dir / f"checkpoint_{newest + 1:09d}.pt")["iteration"] == newest + 1
+
+
+@pytest.mark.slow  # trains or runs a shard job in a process
 def test_huge_lr_diverges_exits_nonzero_and_exports_nothing(train_set, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, text = run_tool_here("train", train_args(train_set, run_dir, 0, 8, "one.yaml", "--lr", "1e6",
