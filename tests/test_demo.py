@@ -40,6 +40,8 @@ def test_demo_runs_every_step_and_prints_the_summary(demo):
     steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
     assert [s[0] for s in steps] == names and all(s[3] == "run" for s in steps)
     assert all(float(s[2]) > 0 for s in steps if s[0].startswith("train"))  # the tools' CPU time
+    # the report's own CPU time only (the demo execs it: it inherits the earlier steps' times)
+    assert float(steps[-1][2]) < sum(float(s[2]) for s in steps[:-1])
     total = sum(int(float(s[1])) for s in steps)
     assert re.search(rf"STCN demo finished in {total // 60}:{total % 60:02d} \(\d+ CPU seconds\)", stdout)
     # What each real tool left behind.

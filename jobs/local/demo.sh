@@ -85,8 +85,12 @@ synthetic() {
   local kind=$1 size=$2 frames=()
   # DAVIS val is the held-out evaluation set: its length sets the evaluation time
   if [ "$kind" = davis ]; then frames=(--frames "$DAVIS_FRAMES"); fi
-  # the videos' motion (static images have none): how far objects drift from frame 0
-  if [ "$kind" != static ]; then frames+=(--speed "$SPEED"); fi
+  # the videos' motion (static images have none): how far objects drift from frame 0; their
+  # count and size: objects must stay several pixels of the network's stride-16 features
+  # wide once clips are shrunk to CROP x CROP
+  if [ "$kind" != static ]; then
+    frames+=(--speed "$SPEED" --objects "$OBJECTS" --object-scale "$OBJECT_SCALE")
+  fi
   [ -f "$DATA/$kind/SYNTHETIC.json" ] && { echo "$DATA/$kind: already generated"; return; }
   ran
   tools/make_synthetic "$kind" "$DATA/$kind" --videos "$VIDEOS" --size "$size" --seed 0 --overwrite \
