@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import batch_ring, plan, storage
+from . import batch_ring, plan, seeds, storage
 from .codec import SampleDecodeError, decode_sample
 from .fetch import DEFAULT_PREFETCH, FetchOptions, ShardFetcher
 from .manifest import ShardInfo, read_manifest
@@ -504,10 +504,16 @@ class ClipLoader:
                 # more buffers than DataLoader keeps in flight per worker: no waiting
                 ring = batch_ring.MainRing(self.num_workers, size=(self.prefetch_factor or 2) + 2)
             self.dataset.configure(self.epoch, self.legs, self._remaining(), ring)
+            # Each DataLoader iterator draws its workers' base seed from `generator`; left
+            # unset it would draw from the global torch generator, which a trainer's
+            # checkpoint holds: a resumed run's fresh iterator would draw once more than
+            # the uninterrupted run did, and the global stream would be one draw ahead.
+            generator = torch.Generator().manual_seed(seeds.derived_seed(
+                self.dataset.seed, "dataloader", epoch=self.epoch, rank=self.dataset.rank))
             loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is,
                                 num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                persistent_workers=False,
+                                persistent_workers=False, generator=generator,
                                 worker_init_fn=_ignore_stop_signals if self.num_workers else None)
             self._pass_stats = {}
             try:

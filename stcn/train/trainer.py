@@ -20,7 +20,6 @@ import math
 import os
 import re
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -315,8 +314,14 @@ class StopSignal:
         if name == "SIGINT" and "SIGINT" in self.names:
             raise KeyboardInterrupt("second Ctrl-C: aborted without a checkpoint")
         if name == "SIGINT":
-            print("Ctrl-C: checkpointing after this step (press Ctrl-C again to abort at once)",
-                  file=sys.stderr, flush=True)
+            # Straight to the descriptor: a handler that prints may land inside a write to
+            # the same buffered stream (a write interrupted by this very signal), and the
+            # stream would raise "reentrant call" where the main thread was.
+            try:
+                os.write(2, b"Ctrl-C: checkpointing after this step "
+                            b"(press Ctrl-C again to abort at once)\n")
+            except OSError:
+                pass
         self.names.add(name)
         self.received = self.received or name
 
