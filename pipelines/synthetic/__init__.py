@@ -89,10 +89,10 @@ def make_synthetic(kind: str, out, *, videos: int = 6, frames: int | None = None
     splits get ceil(videos / 3) each; static: images per set, classes for FSS-1000).
     frames: rendered frames per video (default per kind, DEFAULT_FRAMES). objects: objects
     per video. size: (H, W), or None for each set's real size. speed: scales all motion
-    (objects and camera; 1 = the default scenes, same bytes as before the option). object_scale:
-    scales the objects' size in videos (davis, youtube, bl30k; 1 = the default scenes). The set appears at `out`
-    only once complete; `out` must be new or empty, or an earlier synthetic set with
-    `overwrite`. Same arguments, same bytes.
+    (objects and camera; 1 = the default scenes, same bytes as before the option).
+    object_scale: scales the objects' size in videos (davis, youtube, bl30k; 1 = the default
+    scenes). The set appears at `out` only once complete; `out` must be new or empty, or an
+    earlier synthetic set with `overwrite`. Same arguments, same bytes.
     """
     spec = resolve_spec(kind, videos=videos, frames=frames, objects=objects, seed=seed, size=size,
                         speed=speed, object_scale=object_scale)
