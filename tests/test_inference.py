@@ -1,8 +1,10 @@
-"""Memory bank and inference core: behaviour, and equality with a plain re-derivation."""
+"""Memory bank and inference core: behaviour, and equality with a plain re-derivation
+(exact, except pixels where the reference's probabilities tie within float rounding)."""
 
 import pytest
 import torch
 
+from stcn.evaluation.bench import NEAR_TIE
 from stcn.inference.core import Annotation, InferenceConfig, InferenceCore, pad_to_multiple, unpad
 from stcn.inference.memory import MemoryBank
 from stcn.model.aggregate import aggregate
@@ -39,6 +41,22 @@ def test_top_k_at_least_memory_size_equals_full_softmax():
     affinity = (2 * keys.transpose(1, 2) @ q - keys.pow(2).sum(1).unsqueeze(2)) / 8 ** 0.5
     expected = torch.bmm(values, torch.softmax(affinity, dim=1).expand(2, -1, -1)).view(2, 5, 2, 3)
     torch.testing.assert_close(bank.read(query), expected)
+
+
+def test_top_k_chooses_exactly_the_positions_of_the_published_affinity():
+    """The bank's affinity (key terms kept per frame, product transposed for top-k) is
+    bit-identical to the published formula on the concatenated memory: with top-1 and
+    values = position index, every query reads exactly the published argmax."""
+    g = torch.Generator().manual_seed(3)
+    bank = MemoryBank(top_k=1)
+    frames = [torch.randn(1, 64, 6, 9, generator=g) * 3 for _ in range(4)]
+    for i, key in enumerate(frames):
+        index = torch.arange(54.0).view(1, 1, 6, 9) + 54 * i
+        bank.add(key, index, temporary=i == 3)
+    query = torch.randn(1, 64, 6, 9, generator=g) * 3
+    keys = torch.cat([f.flatten(2) for f in frames], 2)
+    expected = get_affinity(keys, query).argmax(1).view(6, 9).float()
+    assert torch.equal(bank.read(query)[0, 0], expected)
 
 
 def test_top_1_reads_the_single_best_memory_position():
@@ -80,21 +98,33 @@ def test_first_frame_is_permanent_even_if_marked_temporary():
 
 # -- inference core --------------------------------------------------------------------------
 
+def _assert_same_but_near_ties(ours, labels, prob, what):
+    """Our label map equals the reference's except where float rounding can flip a pixel
+    (the core's channels-last convolutions and sparse readout round differently): there
+    ours must be the reference's runner-up, its probability within NEAR_TIE of the best."""
+    ours = torch.from_numpy(ours).long()
+    best = torch.topk(prob, 2, dim=0)
+    tie = (ours == best.indices[1]) & (best.values[0] - best.values[1] <= NEAR_TIE)
+    beyond = (ours != labels) & ~tie
+    assert not beyond.any(), f"{what}: {int(beyond.sum())} pixels differ beyond near ties"
+
+
 def _reference_labels(net, images, mask, num_objects, mem_every, include_last):
-    """Published DAVIS loop re-derived with the training-style full-softmax ``net.segment``."""
+    """Published DAVIS loop re-derived with the training-style full-softmax ``net.segment``:
+    per frame the label map and the probabilities (K+1, H, W)."""
     one_hot = torch.stack([(mask == i).float() for i in range(1, num_objects + 1)])[:, None]
     with torch.no_grad():
         k, _, f16, _, _ = net.encode_key(images[:1])
         prob = aggregate(one_hot, keep_bg=True)[1:, 0]                       # K, H, W
         keys, values = [k], [net.encode_values(images[:1], f16, prob[None])]
         temp = None
-        labels = [mask]
+        labels = [(mask, aggregate(one_hot, keep_bg=True)[:, 0])]
         for t in range(1, images.shape[0]):
             k, f16_thin, f16, f8, f4 = net.encode_key(images[t:t + 1])
             mk = torch.stack(keys + ([temp[0]] if temp else []), 2)
             mv = torch.cat(values + ([temp[1]] if temp else []), 3)
             logits, prob = net.segment(k, f16_thin, f8, f4, mk, mv)
-            labels.append(torch.argmax(logits[0], 0))
+            labels.append((torch.argmax(logits[0], 0), torch.softmax(logits[0], 0)))
             if t != images.shape[0] - 1:
                 value = net.encode_values(images[t:t + 1], f16, prob)
                 if t % mem_every == 0:
@@ -113,8 +143,8 @@ def test_core_with_large_top_k_equals_full_softmax_rederivation(net, video, mem_
     result = core.segment(images, [Annotation(0, mask)], 2)
     expected = _reference_labels(net, images, mask, 2, mem_every, include_last)
     assert sorted(result) == list(range(images.shape[0]))
-    for t, labels in enumerate(expected):
-        assert (torch.from_numpy(result[t]).long() == labels).all(), f"frame {t} differs"
+    for t, (labels, prob) in enumerate(expected):
+        _assert_same_but_near_ties(result[t], labels, prob, f"frame {t}")
 
 
 def _reference_youtube_labels(net, images, annotations, num_objects, mem_every, include_last):
@@ -170,7 +200,7 @@ def _reference_youtube_labels(net, images, annotations, num_objects, mem_every, 
                         remember(obj, k, v, not is_mem)
                     if is_mem:
                         last = t
-    return torch.argmax(prob[:, :, 0], dim=0)
+    return torch.argmax(prob[:, :, 0], dim=0), prob[:, :, 0]
 
 
 @pytest.mark.slow  # whole videos through the network on CPU, some twice
@@ -181,9 +211,9 @@ def test_core_with_late_objects_equals_per_object_memory_rederivation(net, video
     annotations = {0: (mask == 1).long(), 3: late}
     core = InferenceCore(net, InferenceConfig(top_k=10_000, mem_every=2, include_last=True))
     result = core.segment(images, [Annotation(f, m) for f, m in annotations.items()], 2)
-    expected = _reference_youtube_labels(net, images, annotations, 2, mem_every=2, include_last=True)
+    labels, prob = _reference_youtube_labels(net, images, annotations, 2, mem_every=2, include_last=True)
     for t in range(images.shape[0]):
-        assert (torch.from_numpy(result[t]).long() == expected[t]).all(), f"frame {t} differs"
+        _assert_same_but_near_ties(result[t], labels[t], prob[:, t], f"frame {t}")
 
 
 @pytest.mark.slow  # whole videos through the network on CPU, some twice

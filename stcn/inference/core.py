@@ -131,7 +131,8 @@ class InferenceCore:
 
     def _decode(self, groups: list[_ObjectGroup], key, f16_thin, f8, f4) -> torch.Tensor:
         """Per-object probabilities (K_enabled, 1, H, W) before aggregation."""
-        readouts = torch.cat([g.bank.read(key) for g in groups], 0)
+        reads = [g.bank.read(key) for g in groups]
+        readouts = reads[0] if len(reads) == 1 else torch.cat(reads, 0)
         logits = self.net.decode_objects(readouts, f16_thin, f8, f4)
         return torch.sigmoid(logits).float()
 
@@ -173,6 +174,11 @@ class InferenceCore:
 
                 frame, pads = pad_to_multiple(images[ti:ti + 1].to(self.device, torch.float32))
                 key, f16_thin, f16, f8, f4 = self.net.encode_key(frame)
+                # The key path above stays as published (the same keys choose the same top-k
+                # memory positions); what feeds the value encoder and the decoder runs
+                # channels-last, the faster layout of CPU convolutions (rounding differs).
+                frame, f16_thin, f16, f8, f4 = (x.contiguous(memory_format=torch.channels_last)
+                                                for x in (frame, f16_thin, f16, f8, f4))
 
                 # Probabilities of background + all K objects; objects without memory stay 0.
                 prob = torch.zeros((num_objects + 1, 1, *frame.shape[-2:]), device=self.device)

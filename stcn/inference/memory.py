@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from stcn.model.memory_ops import get_affinity, readout, softmax_top_k
+from stcn.model.memory_ops import key_terms, top_k_readout
 
 
 def _as_positions(x: torch.Tensor) -> torch.Tensor:
@@ -28,11 +28,37 @@ def _as_positions(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(start_dim=2)
 
 
+class _Frames:
+    """One or more memory frames: keys (1, CK, n) as given, the affinity terms of
+    ``key_terms``, and values position-major (n, K*CV) as the top-k readout gathers them."""
+
+    def __init__(self, keys, scaled_keys, norms, values):
+        self.keys, self.scaled_keys, self.norms, self.values = keys, scaled_keys, norms, values
+
+    @classmethod
+    def of(cls, key: torch.Tensor, value: torch.Tensor) -> "_Frames":
+        """key (1, CK, hw), value (K, CV, hw): the terms are computed once, here."""
+        return cls(key, *key_terms(key), value.permute(2, 0, 1).flatten(1))
+
+    @staticmethod
+    def cat(parts: list["_Frames"]) -> "_Frames":
+        return _Frames(torch.cat([p.keys for p in parts], 2),
+                       torch.cat([p.scaled_keys for p in parts], 2),
+                       torch.cat([p.norms for p in parts], 1),
+                       torch.cat([p.values for p in parts], 0))
+
+    def positions(self, start: int, stop: int | None = None) -> "_Frames":
+        return _Frames(self.keys[:, :, start:stop], self.scaled_keys[:, :, start:stop],
+                       self.norms[:, start:stop], self.values[start:stop])
+
+
 class MemoryBank:
     """Memory keys (1, CK, N) and values (K, CV, N) of one group of K objects.
 
     ``add`` takes one frame's key (1, CK, [1,] h, w) and values (K, CV, [1,] h, w);
     ``read`` returns the memory readout (K, CV, h, w) for a query key (1, CK, h, w).
+    The key terms of the affinity are computed once per memory frame, not at every read,
+    and the readout sums only the top-k values of each query (``top_k_readout``).
     """
 
     def __init__(self, top_k: int = 20, max_frames: int | None = None):
@@ -42,24 +68,23 @@ class MemoryBank:
             raise ValueError(f"max_frames must be at least 1 (or None for no bound), got {max_frames}")
         self.top_k = top_k
         self.max_frames = max_frames
-        self._keys: torch.Tensor | None = None      # (1, CK, T*hw) permanent frames
-        self._values: torch.Tensor | None = None    # (K, CV, T*hw)
-        self._temp_key: torch.Tensor | None = None  # (1, CK, hw) or None
-        self._temp_value: torch.Tensor | None = None
+        self._frames: _Frames | None = None         # permanent frames
+        self._temp: _Frames | None = None           # the temporary frame, if any
         self._frame_positions = 0                   # h*w of one memory frame
+        self._value_shape = (0, 0)                  # (K, CV)
 
     @property
     def num_frames(self) -> int:
         """Permanent memory frames held (the temporary frame not counted)."""
-        return 0 if self._keys is None else self._keys.shape[2] // self._frame_positions
+        return 0 if self._frames is None else self._frames.keys.shape[2] // self._frame_positions
 
     @property
     def has_temporary(self) -> bool:
-        return self._temp_key is not None
+        return self._temp is not None
 
     @property
     def num_objects(self) -> int:
-        return 0 if self._values is None else self._values.shape[0]
+        return self._value_shape[0]
 
     def add(self, key: torch.Tensor, value: torch.Tensor, temporary: bool = False) -> None:
         """Add one frame; any temporary frame is flushed first.
@@ -71,42 +96,44 @@ class MemoryBank:
             raise ValueError(f"expected one frame's key with batch 1, got shape {tuple(key.shape)}")
         if key.shape[2] != value.shape[2]:
             raise ValueError(f"key covers {key.shape[2]} positions but value {value.shape[2]}")
-        self._temp_key = self._temp_value = None
-        if self._keys is None:
-            self._keys, self._values = key, value
+        self._temp = None
+        if self._frames is None:
+            self._frames = _Frames.of(key, value)
             self._frame_positions = key.shape[2]
+            self._value_shape = tuple(value.shape[:2])
             return
-        if key.shape[2] != self._frame_positions or value.shape[0] != self._values.shape[0]:
+        if key.shape[2] != self._frame_positions or value.shape[0] != self._value_shape[0]:
             raise ValueError(
                 f"frame does not match the memory: key positions {key.shape[2]} vs "
-                f"{self._frame_positions}, objects {value.shape[0]} vs {self._values.shape[0]}")
+                f"{self._frame_positions}, objects {value.shape[0]} vs {self._value_shape[0]}")
         if temporary:
-            self._temp_key, self._temp_value = key, value
+            self._temp = _Frames.of(key, value)
             return
-        self._keys = torch.cat([self._keys, key], 2)
-        self._values = torch.cat([self._values, value], 2)
+        self._frames = _Frames.cat([self._frames, _Frames.of(key, value)])
         if self.max_frames is not None and self.num_frames > self.max_frames:
             self._drop_oldest_after_first()
 
     def _drop_oldest_after_first(self) -> None:
         hw = self._frame_positions
-        self._keys = torch.cat([self._keys[:, :, :hw], self._keys[:, :, 2 * hw:]], 2)
-        self._values = torch.cat([self._values[:, :, :hw], self._values[:, :, 2 * hw:]], 2)
+        self._frames = _Frames.cat([self._frames.positions(0, hw), self._frames.positions(2 * hw)])
+
+    def _all(self) -> _Frames:
+        if self._frames is None:
+            raise RuntimeError("the memory is empty: add the annotated frame first")
+        return self._frames if self._temp is None else _Frames.cat([self._frames, self._temp])
 
     def memory(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All keys (1, CK, N) and values (K, CV, N) a query attends to, temporary last."""
-        if self._keys is None:
-            raise RuntimeError("the memory is empty: add the annotated frame first")
-        if self._temp_key is None:
-            return self._keys, self._values
-        return (torch.cat([self._keys, self._temp_key], 2),
-                torch.cat([self._values, self._temp_value], 2))
+        frames = self._all()
+        return frames.keys, frames.values.view(-1, *self._value_shape).permute(1, 2, 0)
 
     def read(self, query_key: torch.Tensor) -> torch.Tensor:
-        """Top-k attention readout (K, CV, h, w) for a query key (1, CK, h, w)."""
+        """Top-k attention readout (K, CV, h, w) for a query key (1, CK, h, w), in
+        channels-last memory order (as the readout comes; the decoder runs channels-last)."""
         h, w = query_key.shape[-2:]
-        keys, values = self.memory()
-        affinity = get_affinity(keys, _as_positions(query_key))
-        affinity = softmax_top_k(affinity, self.top_k, inplace=True)
-        out = readout(affinity, values)                  # (K, CV, h*w)
-        return out.view(values.shape[0], values.shape[1], h, w)
+        frames = self._all()
+        k, cv = self._value_shape
+        out = top_k_readout(frames.scaled_keys, frames.norms, _as_positions(query_key),
+                            frames.values, self.top_k)                # (h*w, K*CV)
+        out = out.view(h * w, k, cv).transpose(0, 1).contiguous()      # (K, h*w, CV)
+        return out.view(k, h, w, cv).permute(0, 3, 1, 2)

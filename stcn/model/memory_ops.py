@@ -14,6 +14,7 @@ The softmax always runs over dim 1, the memory positions.
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def _flatten_positions(x: torch.Tensor) -> torch.Tensor:
@@ -68,3 +69,42 @@ def readout(affinity: torch.Tensor, mv: torch.Tensor) -> torch.Tensor:
     if affinity.shape[0] == 1 and mv.shape[0] != 1:
         affinity = affinity.expand(mv.shape[0], -1, -1)
     return torch.bmm(mv, affinity)
+
+
+def key_terms(mk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory-side terms of ``get_affinity`` for ``top_k_readout``, computed once per
+    memory frame: keys (B, CK, N) scaled by 2/sqrt(CK), and |k_m|^2 / sqrt(CK) (B, N, 1).
+
+    With CK = 64 both scalings are by powers of two, hence exact: the affinities come out
+    bit-identical to ``get_affinity``'s (so the same memory positions make the top k)."""
+    mk = _flatten_positions(mk)
+    scale = math.sqrt(mk.shape[1])
+    return mk * (2 / scale), mk.pow(2).sum(1).unsqueeze(2) / scale
+
+
+def top_k_readout(scaled_keys: torch.Tensor, norms: torch.Tensor, qk: torch.Tensor,
+                  values: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``readout(softmax_top_k(get_affinity(mk, qk), top_k), mv)`` without the dense
+    (N, M) weights: each query sums its ``top_k`` memory values only.
+
+    scaled_keys (1, CK, N) and norms (1, N, 1) from ``key_terms``; qk (1, CK, M);
+    values (N, C), position-major (C = objects x value channels). Returns (M, C).
+    Equal to the dense form up to float rounding (the sums run in another order); the
+    affinities, and so the chosen positions, are exactly those of ``get_affinity``.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    qk = _flatten_positions(qk)
+    # The published orientation (N, M) of the product, so its rounding is the same; the
+    # subtraction writes it transposed, (M, N), where top-k runs along contiguous memory.
+    product = scaled_keys.transpose(1, 2) @ qk
+    affinity = torch.empty(product.shape[0], product.shape[2], product.shape[1],
+                           dtype=product.dtype, device=product.device)
+    torch.sub(product.transpose(1, 2), norms.transpose(1, 2), out=affinity)
+    del product
+    weights, indices = torch.topk(affinity[0], k=min(top_k, affinity.shape[2]), dim=1)
+    del affinity
+    weights = torch.exp(weights - weights[:, :1])   # topk sorts: column 0 is the maximum
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    return F.embedding_bag(indices, values, per_sample_weights=weights.to(values.dtype),
+                           mode="sum")

@@ -102,8 +102,14 @@ class STCN(nn.Module):
             # Summing the other masks directly (not total - own) keeps K = 2 exact.
             others = torch.stack([masks[:, [j for j in range(k) if j != i]].sum(1)
                                   for i in range(k)], dim=1)
+        # Frame and masks keep the given frame's memory layout (channels-last at inference),
+        # so that all the value encoder's convolutions run in it.
+        layout = (torch.channels_last if not frame.is_contiguous()
+                  and frame.is_contiguous(memory_format=torch.channels_last)
+                  else torch.contiguous_format)
         per_object = torch.stack([masks, others], dim=2).flatten(0, 1)      # B*K, 2, H, W
         frame = frame.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
+        per_object, frame = (x.contiguous(memory_format=layout) for x in (per_object, frame))
         if b > 1:  # one frame (b == 1): f16 stays shared, its convolutions run once
             f16 = f16.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
         value = self.value_encoder(frame, f16, per_object)                   # B*K, 512, h, w
