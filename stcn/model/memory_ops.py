@@ -99,7 +99,8 @@ def top_k_readout(scaled_keys: torch.Tensor, norms: torch.Tensor, qk: torch.Tens
     # subtraction writes it transposed, (M, N), where top-k runs along contiguous memory.
     product = scaled_keys.transpose(1, 2) @ qk
     affinity = torch.empty(product.shape[0], product.shape[2], product.shape[1],
-                           dtype=product.dtype, device=product.device)
+                           dtype=torch.promote_types(product.dtype, norms.dtype),
+                           device=product.device)
     torch.sub(product.transpose(1, 2), norms.transpose(1, 2), out=affinity)
     del product
     weights, indices = torch.topk(affinity[0], k=min(top_k, affinity.shape[2]), dim=1)
