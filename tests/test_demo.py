@@ -75,8 +75,8 @@ def test_copy_first_frame_baseline_scores_the_copied_masks(demo):
 
     out, _ = demo
     saved = json.loads((out / "eval/copy_first_frame/results.json").read_text())["scores"]
-    assert saved["J&F"] == pytest.approx(copy_first_frame_baseline(out / "data/davis", "val")["J&F"])
-    first = sorted((out / "data/davis/2017/trainval/Annotations/480p").glob("val-*/00000.png"))[0]
+    assert saved["J&F"] == pytest.approx(copy_first_frame_baseline(out / "data/heldout", "val")["J&F"])
+    first = sorted((out / "data/heldout/2017/trainval/Annotations/480p").glob("val-*/00000.png"))[0]
     copied = sorted((out / "eval/copy_first_frame" / first.parent.name).glob("*.png"))
     assert len(copied) > 1 and all(p.read_bytes() == copied[0].read_bytes() for p in copied)
 
@@ -93,7 +93,7 @@ def test_demo_rerun_reuses_finished_steps(demo):
 def test_report_holds_every_part(demo):
     out, _ = demo
     page = (out / "report" / "index.html").read_text()
-    videos = sorted(p.name for p in (out / "data/davis/2017/trainval/JPEGImages/480p").glob("val-*"))
+    videos = sorted(p.name for p in (out / "data/heldout/2017/trainval/JPEGImages/480p").glob("val-*"))
     assert videos and all(f"<h3>{v}</h3>" in page for v in videos)  # one strip per held-out video
     for part in ("Held-out J&amp;F", "Training curves", "Shard clips", "Steps", "TensorBoard", "Verdict"):
         assert part in page, part

@@ -97,6 +97,17 @@ synthetic() {
     "${frames[@]}"
 }
 
+# heldout: the videos every evaluation scores, a synthetic DAVIS set of its own (seed 1: none
+# of its videos is in training) whose 2017 val split holds $HELDOUT_VIDEOS videos drawn like
+# the training ones; its train and test-dev splits are never read.
+heldout() {
+  [ -f "$DATA/heldout/SYNTHETIC.json" ] && { echo "$DATA/heldout: already generated"; return; }
+  ran
+  tools/make_synthetic davis "$DATA/heldout" --videos "$((3 * HELDOUT_VIDEOS))" --size "$VIDEO_SIZE" \
+    --seed 1 --overwrite --frames "$DAVIS_FRAMES" --speed "$SPEED" --objects "$OBJECTS" \
+    --object-scale "$OBJECT_SCALE"
+}
+
 # shards KIND OUT [options]: make a shard set once (a finished set has its manifest.json)
 shards() {
   local kind=$1 out=$2
@@ -107,12 +118,12 @@ shards() {
     --workers "$WORKERS" "$@"
 }
 
-# evaluate NAME [tools/eval davis options]: held-out synthetic DAVIS 2017 val
+# evaluate NAME [tools/eval davis options]: the held-out videos (2017 val of $DATA/heldout)
 evaluate() {
   local name=$1
   shift
   ran
-  tools/eval davis --root "$DATA/davis" --year 2017 --split val --device "$DEVICE" \
+  tools/eval davis --root "$DATA/heldout" --year 2017 --split val --device "$DEVICE" \
     --out "$EVALS/$name" "$@"
 }
 
@@ -120,6 +131,7 @@ step
 synthetic static "$STATIC_SIZE"
 synthetic davis "$VIDEO_SIZE"
 synthetic youtube "$VIDEO_SIZE"
+heldout
 
 step
 shards static "$SHARDS/static" --clips "$STATIC_CLIPS"
@@ -161,7 +173,7 @@ step
 evaluate trained --model "$RUNS/s03/stcn_stage3.pth"
 step
 ran
-tools/eval baseline --root "$DATA/davis" --year 2017 --split val --out "$EVALS/copy_first_frame"
+tools/eval baseline --root "$DATA/heldout" --year 2017 --split val --out "$EVALS/copy_first_frame"
 
 # --- report and summary: tools/demo_report (stcn/evaluation/report.py) ------------------
 # It reads steps.tsv and adds its own time as the last step.

@@ -6,7 +6,7 @@ fetched from anywhere), written from what the demo's steps left in its output fo
     write_report(demo, "demo_out/report")     # demo_out/report/index.html + PNG/SVG files
     print("\\n".join(summary_lines(demo)))
 
-The folder layout is the demo's (jobs/local/demo.sh): data/davis (the synthetic sets),
+The folder layout is the demo's (jobs/local/demo.sh): data/<kind> (the synthetic sets; data/heldout the scored videos),
 shards/ (shard sets), runs/s0 and runs/s03 (stage 0 and stage 3 run directories),
 eval/{untrained,trained,copy_first_frame} (tools/eval outputs) and steps.tsv (one line per
 step: name, wall seconds, CPU seconds of the step's processes, reused or run).
@@ -52,8 +52,9 @@ class DemoResults:
     summaries: dict[str, dict] = field(default_factory=dict)   # run -> summary.json
 
     @property
-    def davis(self) -> Path:
-        return self.root / "data" / "davis" / "2017" / "trainval"
+    def heldout(self) -> Path:
+        """The DAVIS-layout set whose 2017 val videos every evaluation scored."""
+        return self.root / "data" / "heldout" / "2017" / "trainval"
 
 
 def add_step(demo: DemoResults, name: str, wall: float, cpu: float, how: str = "run") -> None:
@@ -272,9 +273,9 @@ def _label(text: list[str], height: int) -> np.ndarray:
 def video_strip(demo: DemoResults, video: str, frames: int = STRIP_FRAMES) -> np.ndarray:
     """RGB image, one row per mask source (ground truth, trained, untrained, copy) over the
     same evenly spaced frames of `video`, each object filled and outlined in its colour."""
-    images = sorted((demo.davis / "JPEGImages" / "480p" / video).glob("*.jpg"))
+    images = sorted((demo.heldout / "JPEGImages" / "480p" / video).glob("*.jpg"))
     chosen = [images[i] for i in sorted(set(np.linspace(0, len(images) - 1, frames).round().astype(int)))]
-    rows = [("ground truth", demo.davis / "Annotations" / "480p" / video, None)]
+    rows = [("ground truth", demo.heldout / "Annotations" / "480p" / video, None)]
     rows += [(EVALUATIONS[name], demo.root / "eval" / name / video, name) for name in EVALUATIONS]
     out = []
     for title, folder, name in rows:
