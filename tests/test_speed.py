@@ -111,9 +111,9 @@ def test_bench_pipeline_against_the_published_loader(tmp_path):
 @needs_published
 def test_inference_masks_equal_the_published_code_but_near_ties():
     """Our inference core against the published one (its own process, same video and
-    weights): every differing pixel is a near tie of the published probabilities (ours
-    its runner-up within NEAR_TIE); the channels-last and sparse-readout speed-ups may
-    flip those only."""
+    weights): every differing pixel is a near tie of the published probabilities (that
+    of our label within NEAR_TIE of the best); the channels-last and sparse-readout
+    speed-ups may flip those only."""
     import torch
 
     from stcn import evaluation
