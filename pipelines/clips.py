@@ -133,6 +133,8 @@ def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, 
                                    _files(store, video, name))
                 cache.put(video.name, name, frame)
             if frames and frame.ids.shape != frames[0].ids.shape:
+                for suspect in (frame, frames[0]):  # the error path only: a mask that differs
+                    suspect.image()                 # from its own frame is named as such
                 raise ValueError(f"{kind} video {video.name}: annotation {frame.files[1]} is "
                                  f"{_size(frame.ids)} but {frames[0].files[1]} is "
                                  f"{_size(frames[0].ids)}; frames of one video must share "
