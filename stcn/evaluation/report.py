@@ -6,8 +6,8 @@ fetched from anywhere), written from what the demo's steps left in its output fo
     write_report(demo, "demo_out/report")     # demo_out/report/index.html + PNG/SVG files
     print("\\n".join(summary_lines(demo)))
 
-The folder layout is the demo's (jobs/local/demo.sh): data/<kind> (the synthetic sets; data/heldout the scored videos),
-shards/ (shard sets), runs/s0 and runs/s03 (stage 0 and stage 3 run directories),
+The folder layout is the demo's (jobs/local/demo.sh): data/<kind> (the synthetic sets;
+data/heldout the scored videos), shards/ (shard sets), runs/s0 and runs/s03 (stage 0 and stage 3 run directories),
 eval/{untrained,trained,copy_first_frame} (tools/eval outputs) and steps.tsv (one line per
 step: name, wall seconds, CPU seconds of the step's processes, reused or run).
 
