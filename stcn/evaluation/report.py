@@ -7,9 +7,9 @@ fetched from anywhere), written from what the demo's steps left in its output fo
     print("\\n".join(summary_lines(demo)))
 
 The folder layout is the demo's (jobs/local/demo.sh): data/<kind> (the synthetic sets;
-data/heldout the scored videos), shards/ (shard sets), runs/s0 and runs/s03 (stage 0 and stage 3 run directories),
-eval/{untrained,trained,copy_first_frame} (tools/eval outputs) and steps.tsv (one line per
-step: name, wall seconds, CPU seconds of the step's processes, reused or run).
+data/heldout the scored videos), shards/ (shard sets), runs/s0 and runs/s03 (stage 0 and
+stage 3 run directories), eval/{untrained,trained,copy_first_frame} (tools/eval outputs) and
+steps.tsv (one line per step: name, wall seconds, CPU seconds of the step's processes, reused or run).
 
 The verdict is computed from the saved scores, never assumed: the trained network "learned"
 only when it beats both the untrained network and the copy-first-frame baseline on the
