@@ -22,9 +22,7 @@ each side's rate is the median over its rounds.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+
+from shards.child import LineChild
 
 from pipelines.driver import JobConfig, listed_encoded, make_plan
 from pipelines.job.pool import configure_worker
@@ -84,33 +84,16 @@ class Published:
         request = {"checkout": str(checkout), "kind": kind, "root": str(root),
                    "max_skip": max_skip, "torchvision_dir": torchvision_dir,
                    "thinplate_dir": thinplate_dir, "seed": seed}
-        package_parent = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-            "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "pipelines.bench",
-                                         json.dumps(request)], env=env, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._ask(1)  # warm-up: the child builds the data set and makes one clip
-
-    def _ask(self, clips: int) -> tuple[int, float, float]:
-        self.process.stdin.write(f"{clips}\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            code = self.process.wait()
-            raise RuntimeError(f"the published loader's process failed (exit {code}; its "
-                               "error is printed above)")
-        answer = json.loads(line)
-        return clips, answer["cpu"], answer["wall"]
+        self.child = LineChild("pipelines.bench", request, "the published loader",
+                               OMP_NUM_THREADS="1")
+        self.round(1)  # warm-up: the child builds the data set and makes one clip
 
     def round(self, clips: int) -> tuple[int, float, float]:
-        return self._ask(clips)
+        answer = self.child.ask(str(clips))
+        return clips, answer["cpu"], answer["wall"]
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=60)
+        self.child.close(timeout=60)
 
 
 def _published_child(checkout, kind, root, max_skip, torchvision_dir, thinplate_dir,

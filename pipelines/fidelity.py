@@ -26,7 +26,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from shards import console
+from shards.child import module_command, module_env
 
 from pipelines.driver import JobConfig, make_clip, make_plan
 from pipelines.kinds import source_kind
@@ -257,13 +257,10 @@ def published_records(checkout: str, scenario: Scenario, root: Path, clips: int,
     request = {"checkout": str(checkout), "kind": scenario.kind, "max_skip": scenario.max_skip,
                "root": str(root), "clips": clips, "seed": seed, "progress": progress,
                "torchvision_dir": torchvision_dir, "thinplate_dir": thinplate_dir}
-    package_parent = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.json"
-        done = subprocess.run([sys.executable, "-m", "pipelines.fidelity", json.dumps(request),
-                               str(out)], env=env, stdout=subprocess.DEVNULL)
+        done = subprocess.run(module_command("pipelines.fidelity", json.dumps(request), str(out)),
+                              env=module_env(), stdout=subprocess.DEVNULL)
         if done.returncode != 0:
             raise RuntimeError(f"the published loader failed on {scenario.label} (exit "
                                f"{done.returncode}; its error is printed above)")

@@ -3,6 +3,7 @@ tools -> (pipelines, stcn) -> shards, and inside stcn: model <- inference, model
 evaluation on top."""
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,31 @@ def test_the_checker_sees_a_wrong_way_import(tmp_path, monkeypatch):
                                     "stcn.evaluation.gpu_bench"])
 def test_each_layer_imports(module):
     __import__(module)
+
+
+
+ECHO_CHILD = """
+import json, sys
+request = json.loads(sys.argv[1])
+for line in sys.stdin:
+    if line.strip() == "die":
+        sys.exit(3)
+    print(json.dumps({"got": line.strip(), "request": request}), flush=True)
+"""
+
+
+def test_a_child_module_answers_line_by_line_and_its_failure_is_named(tmp_path, monkeypatch):
+    """shards.child: how the benchmarks run the published code in a process of its own."""
+    from shards.child import REPO, LineChild, module_env
+
+    (tmp_path / "echo_child.py").write_text(ECHO_CHILD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert module_env()["PYTHONPATH"].split(os.pathsep) == [str(REPO), str(tmp_path)]
+    child = LineChild("echo_child", {"n": 1}, "the echo child")
+    try:
+        assert child.ask("a") == {"got": "a", "request": {"n": 1}}
+        assert child.ask("b")["got"] == "b"
+        with pytest.raises(RuntimeError, match=r"the echo child's process failed \(exit 3"):
+            child.ask("die")
+    finally:
+        child.close(timeout=10)

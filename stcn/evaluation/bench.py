@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from shards.child import LineChild
 
 from stcn.inference.core import Annotation, InferenceConfig, InferenceCore
 
@@ -122,23 +123,8 @@ class PublishedInference:
                    "threads": threads or torch.get_num_threads(), "masks": str(self.masks_path),
                    "ours": str(self.ours_path),
                    "torchvision_dir": torchvision_dir}
-        package_parent = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-        self.process = subprocess.Popen([sys.executable, "-m", "stcn.evaluation.bench",
-                                         json.dumps(request)], env=env, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._ask("warm-up")
-
-    def _ask(self, what: str) -> dict:
-        self.process.stdin.write(what + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            code = self.process.wait()
-            raise RuntimeError(f"the published inference's process failed (exit {code}; its "
-                               "error is printed above)")
-        return json.loads(line)
+        self.child = LineChild("stcn.evaluation.bench", request, "the published inference")
+        self.child.ask("warm-up")
 
     def run(self, keep_masks: bool = False, ours: np.ndarray | None = None) -> dict:
         """With ``keep_masks`` the label maps come back under "masks"; given ``ours`` (our
@@ -146,7 +132,7 @@ class PublishedInference:
         minus that of ours (0 where they agree)."""
         if ours is not None:
             np.save(self.ours_path, ours)
-        result = self._ask("masks" if keep_masks else "run")
+        result = self.child.ask("masks" if keep_masks else "run")
         if keep_masks:
             with np.load(self.masks_path) as saved:
                 result["masks"] = saved["labels"]
@@ -155,9 +141,7 @@ class PublishedInference:
         return result
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=120)
+        self.child.close(timeout=120)
         self._tmp.cleanup()
 
 

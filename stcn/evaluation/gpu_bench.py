@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shards.child import module_env
+
 
 #: What one training measurement needs; the defaults are the GPU run's.
 @dataclass(frozen=True)
@@ -105,16 +107,13 @@ def _run_training(bench: TrainBench, shards_url: str, processes: int, workers: i
     request = {"run_dir": str(run_dir / "run"), "shards": shards_url, "device": bench.device,
                "amp": bench.amp, "workers": workers, "iterations": iterations,
                "batch_size": bench.batch_size, "out": str(out), "threads": threads}
-    package_parent = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     module = ["-m", "stcn.evaluation.gpu_bench", json.dumps(request)]
     if processes == 1:
         command = [sys.executable, *module]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc-per-node", str(processes), *module]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=module_env(), capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
         tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
         raise RuntimeError(f"training run ({processes} process(es), {workers} worker(s)) "
