@@ -145,7 +145,7 @@ def make_video_clip(store: FrameStore, video: Video, round_: int, *, kind: str, 
         masks = clip.masks([f.ids for f in frames])
         objects = eligible_objects(masks, size_rule)
         if objects or attempt == ATTEMPTS - 1:
-            images = clip.images([f.image() for f in frames])
+            images = clip.images(f.image() for f in frames)  # decoded as warped
             break
     meta = {"source": kind, "video": video.name, "frames": names, "frame_index": indices,
             "max_skip": max_skip, "frame_step": frame_step, "seed": seed, "round": round_,
