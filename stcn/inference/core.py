@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from stcn.inference.memory import MemoryBank
 from stcn.model.aggregate import aggregate
 from stcn.model.precision import AMP_DTYPES, check_amp
+from stcn.model.winograd import TRANSFORMS as WINOGRAD_TILES
 
 PAD_MULTIPLE = 16
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class InferenceConfig:
     include_last: bool = False
     max_memory_frames: int | None = None   # None: unbounded, as published
     amp: str | None = None                 # None, "fp16" or "bf16"; CUDA only
+    # Winograd F(m x m, 3x3) tile size for the decoder's 3x3 convolutions on CPU (fewer
+    # multiplies, rounding differs: stcn.model.winograd); None: direct convolutions.
+    winograd: int | None = 4
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -49,6 +53,9 @@ class InferenceConfig:
             raise ValueError(f"mem_every must be at least 1, got {self.mem_every}")
         if self.max_memory_frames is not None and self.max_memory_frames < 1:
             raise ValueError(f"max_memory_frames must be at least 1, got {self.max_memory_frames}")
+        if self.winograd is not None and self.winograd not in WINOGRAD_TILES:
+            raise ValueError(f"winograd must be one of {sorted(WINOGRAD_TILES)} or None, "
+                             f"got {self.winograd!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {self.amp!r}")
 
@@ -133,7 +140,8 @@ class InferenceCore:
         """Per-object probabilities (K_enabled, 1, H, W) before aggregation."""
         reads = [g.bank.read(key) for g in groups]
         readouts = reads[0] if len(reads) == 1 else torch.cat(reads, 0)
-        logits = self.net.decode_objects(readouts, f16_thin, f8, f4)
+        logits = self.net.decode_objects(readouts, f16_thin, f8, f4,
+                                         winograd=self.config.winograd)
         return torch.sigmoid(logits).float()
 
     # -- the video loop -----------------------------------------------------------------

@@ -12,7 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stcn.model import resnet
+from stcn.model import resnet, winograd
+
+
+def _conv(layer: nn.Conv2d, x: torch.Tensor, tile: Optional[int], relu_input: bool = False,
+          channels: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """layer(relu(x)) or layer(x) (``channels`` (lo, hi): with weight[:, lo:hi] and, unless
+    lo == 0, no bias); with a Winograd ``tile`` by ``winograd.conv3x3`` where that applies
+    (CPU inference), else exactly as before."""
+    if tile is None:
+        x = F.relu(x) if relu_input else x
+        if channels is None:
+            return layer(x)
+        bias = layer.bias if channels[0] == 0 else None
+        return F.conv2d(x, layer.weight[:, channels[0]:channels[1]], bias, padding=layer.padding)
+    bias = layer.bias if channels is None or channels[0] == 0 else None
+    return winograd.conv3x3(x, layer.weight, bias, tile, relu_input=relu_input, channels=channels)
 
 
 class ResBlock(nn.Module):
@@ -29,24 +44,26 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_dim, out_dim, 3, padding=1)
         self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.conv2(F.relu(self.conv1(F.relu(x))))
-        skip = x if self.downsample is None else self.downsample(x)
+    def forward(self, x: torch.Tensor, tile: Optional[int] = None) -> torch.Tensor:
+        """``tile``: Winograd tile size for the convolutions at inference (see _conv)."""
+        r = _conv(self.conv2, _conv(self.conv1, x, tile, relu_input=True), tile, relu_input=True)
+        skip = x if self.downsample is None else _conv(self.downsample, x, tile)
         return skip + r
 
-    def forward_shared(self, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    def forward_shared(self, x: torch.Tensor, shared: torch.Tensor,
+                       tile: Optional[int] = None) -> torch.Tensor:
         """forward(cat([x, shared], 1)) for x (N, C1, h, w) and shared (1, C2, h, w), the
         same for all N: a convolution of a concatenation is the sum of the convolutions of
         its parts, so the shared part's run once (equal up to float rounding)."""
         if self.downsample is None:
             raise ValueError("forward_shared needs a block whose width changes")
-        c = x.shape[1]
+        c, total = x.shape[1], x.shape[1] + shared.shape[1]
 
-        def conv(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            own = F.conv2d(a, layer.weight[:, :c], layer.bias, padding=layer.padding)
-            return own + F.conv2d(b, layer.weight[:, c:], None, padding=layer.padding)
-        r = self.conv2(F.relu(conv(self.conv1, F.relu(x), F.relu(shared))))
-        return conv(self.downsample, x, shared) + r
+        def conv(layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor, relu: bool) -> torch.Tensor:
+            return (_conv(layer, a, tile, relu, channels=(0, c))
+                    + _conv(layer, b, tile, relu, channels=(c, total)))
+        r = _conv(self.conv2, conv(self.conv1, x, shared, relu=True), tile, relu_input=True)
+        return conv(self.downsample, x, shared, relu=False) + r
 
 
 class ChannelGate(nn.Module):
@@ -173,9 +190,9 @@ class UpsampleBlock(nn.Module):
         self.out_conv = ResBlock(up_dim, out_dim)
         self.scale_factor = scale_factor
 
-    def forward(self, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(self, skip: torch.Tensor, up: torch.Tensor, tile: Optional[int] = None) -> torch.Tensor:
         up = F.interpolate(up, scale_factor=self.scale_factor, mode="bilinear", align_corners=False)
-        return self.out_conv(self.skip_conv(skip) + up)
+        return self.out_conv(_conv(self.skip_conv, skip, tile) + up, tile)
 
 
 class Decoder(nn.Module):
@@ -189,11 +206,14 @@ class Decoder(nn.Module):
         self.pred = nn.Conv2d(256, 1, 3, padding=1)
 
     def forward(self, f16: torch.Tensor, f8: torch.Tensor, f4: torch.Tensor,
-                f16_shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+                f16_shared: Optional[torch.Tensor] = None, tile: Optional[int] = None) -> torch.Tensor:
         """f16 (N, 1024, ...) or, with f16_shared (1, 512, ...) the second half shared by
-        all N (the query's own value at inference), f16 (N, 512, ...): see forward_shared."""
-        x = self.compress(f16) if f16_shared is None else self.compress.forward_shared(f16, f16_shared)
-        x = self.up_16_8(f8, x)
-        x = self.up_8_4(f4, x)
+        all N (the query's own value at inference), f16 (N, 512, ...): see forward_shared.
+        ``tile``: Winograd F(tile x tile, 3x3) for the 3x3 convolutions where it applies
+        (CPU inference without autograd, see stcn.model.winograd); None: direct."""
+        x = (self.compress(f16, tile) if f16_shared is None
+             else self.compress.forward_shared(f16, f16_shared, tile))
+        x = self.up_16_8(f8, x, tile)
+        x = self.up_8_4(f4, x, tile)
         x = self.pred(F.relu(x))
         return F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)

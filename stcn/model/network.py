@@ -131,15 +131,18 @@ class STCN(nn.Module):
         return self.decoder(readout_and_query_value, f8, f4)
 
     def decode_objects(self, readouts: torch.Tensor, query_value: torch.Tensor,
-                       f8: torch.Tensor, f4: torch.Tensor) -> torch.Tensor:
+                       f8: torch.Tensor, f4: torch.Tensor,
+                       winograd: Optional[int] = None) -> torch.Tensor:
         """``decode(cat([readouts, query_value expanded], 1), f8, f4)`` for readouts
         (N, 512, h, w) and the frame's query value (1, 512, h, w), without expanding it:
         the decoder's first block convolves the query half once for all N objects
-        (measured ~5% of a 3-object CPU inference), equal up to float rounding."""
+        (measured ~5% of a 3-object CPU inference), equal up to float rounding.
+        ``winograd``: tile size of Winograd 3x3 convolutions in the decoder (CPU, no
+        autograd; stcn.model.winograd), None for direct ones."""
         if f8.shape[0] not in (1, readouts.shape[0]) or f4.shape[0] not in (1, readouts.shape[0]):
             raise ValueError(f"f8/f4 batches {f8.shape[0]}/{f4.shape[0]}: expected 1 or "
                              f"{readouts.shape[0]}")
-        return self.decoder(readouts, f8, f4, f16_shared=query_value)
+        return self.decoder(readouts, f8, f4, f16_shared=query_value, tile=winograd)
 
     def segment(self, qk16: torch.Tensor, qv16: torch.Tensor, qf8: torch.Tensor,
                 qf4: torch.Tensor, mk16: torch.Tensor, mv16: torch.Tensor,
