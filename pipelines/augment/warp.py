@@ -72,8 +72,8 @@ def _prefilter(image: np.ndarray, inverse: np.ndarray, size: int, margin: float
                ) -> tuple[np.ndarray, np.ndarray]:
     """Crop the source region the warp reads and area-reduce it if the warp shrinks it by
     more than PREFILTER; returns the new source and the adjusted inverse matrix."""
-    fx = float(np.hypot(inverse[0, 0], inverse[0, 1]))  # source px per output px, along x
-    fy = float(np.hypot(inverse[1, 0], inverse[1, 1]))
+    (a, b), (c, d) = inverse[:2, :2].tolist()  # plain floats: numpy's scalars cost more
+    fx, fy = math.hypot(a, b), math.hypot(c, d)  # source px per output px, along x and y
     if max(fx, fy) <= PREFILTER:
         return image, inverse
     h, w = image.shape[:2]
@@ -265,6 +265,10 @@ class FrameWarp:
         into `out` if given (a C-contiguous array of that shape)."""
         src, inverse = _prefilter(image, self.inverse, self.size, self.margin)
         out = self._warp(src, inverse, cv2.INTER_CUBIC, self.first_fill, out)
+        if len(self.fills) == 1:  # one fill (video): the label plane (0 or 1) is its mask
+            if self.fill_fraction:
+                cv2.copyTo(_constant(self.size, self.fills[0]), self.label, out)
+            return out
         for code, value in enumerate(self.fills, start=1):
             where = cv2.compare(self.label, code, cv2.CMP_EQ)
             if cv2.countNonZero(where):
