@@ -36,6 +36,25 @@ def test_equals_conv2d_at_odd_sizes_batches_and_bias(tile, n, c, h, w, k, layout
                 assert _close(y, ref), (b is None, relu, (y - ref).abs().max())
 
 
+def test_parallel_parts_equal_one_part_and_leave_the_thread_count():
+    """With 2 torch threads the tile rows are split between two Python threads."""
+    gen = torch.Generator().manual_seed(2)
+    x, weight = torch.randn(3, 16, 61, 50, generator=gen), torch.randn(32, 16, 3, 3, generator=gen)
+    bias = torch.randn(32, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            one = winograd.conv3x3(x, weight, bias, 4, relu_input=True)
+            torch.set_num_threads(2)
+            two = winograd.conv3x3(x, weight, bias, 4, relu_input=True)
+            assert torch.get_num_threads() == 2
+        assert (one - two).abs().max() <= 1e-6 * one.abs().max()   # same arithmetic per tile
+        assert _close(two, F.conv2d(F.relu(x), weight, bias, padding=1))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_input_channel_slices_sum_to_the_whole_convolution():
     gen = torch.Generator().manual_seed(1)
     x, weight = torch.randn(2, 24, 9, 14, generator=gen), torch.randn(16, 24, 3, 3, generator=gen)

@@ -22,6 +22,7 @@ apply (autograd recording, other devices or dtypes, no tile size given).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import torch
@@ -118,26 +119,72 @@ def _combine(coefs: Sequence[float], terms: Sequence[torch.Tensor], out: torch.T
 def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor], tile: int,
                      *, relu_input: bool = False) -> torch.Tensor:
     """3x3 convolution, stride 1, zero padding 1, of x (N, C, H, W) with transformed
-    weights u (``transform_weight``): (N, K, H, W), channels-last."""
+    weights u (``transform_weight``): (N, K, H, W), channels-last.
+
+    With torch's thread count T > 1 the tile rows are split into T parts, each run by its
+    own Python thread with one intra-op thread: the transforms are ~60 small operations
+    per band, and with T intra-op threads every one of them is a fork-join of all T,
+    which a busy machine turns into waits for descheduled threads (measured: the decoder
+    5-10x slower than direct convolutions at load 4 on 2 cores)."""
+    m = tile
+    n, c, h, w = x.shape
+    th, tw = -(-h // m), -(-w // m)                   # tiles down and across
+    out = x.new_empty(n, th * m, tw * m, u.shape[2])
+    band = max(1, BAND_TILES // (n * tw))             # tile rows per band
+    parts = min(torch.get_num_threads(), -(-th // band))
+    job = (x.permute(0, 2, 3, 1), u, bias, tile, relu_input, out, band)   # x as N, H, W, C
+    if parts <= 1:
+        _run_bands(*job, 0, th)
+    else:
+        cuts = [th * i // parts for i in range(parts + 1)]
+        modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # process-wide in torch: restored below
+        try:
+            futures = [_pool(parts).submit(_run_part, modes, job, lo, hi)
+                       for lo, hi in zip(cuts[:-1], cuts[1:])]
+            for future in futures:
+                future.result()
+        finally:
+            torch.set_num_threads(threads)
+    if th * m != h or tw * m != w:
+        out = out[:, :h, :w].contiguous()
+    return out.permute(0, 3, 1, 2)
+
+
+_pools: dict = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="winograd")
+    return _pools[workers]
+
+
+def _run_part(modes, job, lo: int, hi: int) -> None:
+    # Grad and inference modes are per thread: take the caller's (out is theirs to write).
+    with torch.inference_mode(modes[0]), torch.set_grad_enabled(modes[1]):
+        _run_bands(*job, lo, hi)
+
+
+def _run_bands(xl: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor], tile: int,
+               relu_input: bool, out: torch.Tensor, band: int, first: int, end: int) -> None:
+    """Tile rows first..end-1 of the convolution of xl (N, H, W, C) into out (N, H', W', K)."""
     bt, _, at = TRANSFORMS[tile]
     m, a = tile, tile + 2
-    n, c, h, w = x.shape
+    n, h, w, c = xl.shape
     k = u.shape[2]
-    th, tw = -(-h // m), -(-w // m)                   # tiles down and across
+    tw = out.shape[2] // m
     wp = tw * m + 2                                   # padded width
-    band = max(1, BAND_TILES // (n * tw))             # tile rows per band
     # The output transform's column where every row of A^T is 1: adding the bias to that
     # transform position adds it to every output pixel (one small pass instead of a full one).
     bias_at = next(j for j in range(a) if all(row[j] == 1 for row in at)) * (a + 1)
-
-    xl = x.permute(0, 2, 3, 1)                        # N, H, W, C (a view when channels-last)
-    out = x.new_empty(n, th * m, tw * m, k)
-    padded = x.new_zeros(n, band * m + 2, wp, c)      # a band's input rows, zero-padded
-    rows_buf, v_buf, m_buf, o_buf = (x.new_empty(size) for size in (
+    padded = xl.new_zeros(n, band * m + 2, wp, c)     # a band's input rows, zero-padded
+    rows_buf, v_buf, m_buf, o_buf = (xl.new_empty(size) for size in (
         a * n * band * wp * c, a * a * n * band * tw * c, a * a * n * band * tw * k,
         m * a * n * band * tw * k))
-    for t0 in range(0, th, band):
-        nb = min(th - t0, band)
+    for t0 in range(first, end, band):
+        nb = min(end - t0, band)
         y0 = t0 * m - 1                               # image row of padded row 0
         lo, hi = max(y0, 0), min(y0 + nb * m + 2, h)
         if lo > y0:
@@ -175,6 +222,3 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tens
         taps = [half[:, j] for j in range(a)]
         for s in range(m):
             _combine(at[s], taps, dest[..., s, :])
-    if th * m != h or tw * m != w:
-        out = out[:, :h, :w].contiguous()
-    return out.permute(0, 3, 1, 2)
