@@ -179,6 +179,9 @@ def test_rerun_reuses_finished_videos_and_refuses_other_settings(eval_cli, data,
     result = run(eval_cli, *args, "--top-k", "5")
     assert result.exit_code != 0 and "other settings" in result.output
     assert not (tmp_path / "FINISHED").exists()
+    # the decoder's convolution algorithm is a setting too (rounding differs)
+    result = run(eval_cli, *args, "--winograd", "off")
+    assert result.exit_code != 0 and "other settings" in result.output and "winograd" in result.output
     result = run(eval_cli, *args, "--top-k", "5", "--overwrite")
     assert result.exit_code == 0 and "reused" not in result.output and (tmp_path / "FINISHED").exists()
 

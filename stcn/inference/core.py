@@ -34,6 +34,14 @@ from stcn.model.precision import AMP_DTYPES, check_amp
 from stcn.model.winograd import TRANSFORMS as WINOGRAD_TILES
 
 PAD_MULTIPLE = 16
+
+#: Command-line spellings of InferenceConfig.winograd (tools/eval, tools/bench_infer).
+WINOGRAD_SETTINGS: dict[str, int | None] = {"off": None, **{str(m): m for m in sorted(WINOGRAD_TILES)}}
+WINOGRAD_HELP = ("Tile size of the Winograd F(m x m, 3x3) convolutions of the decoder on CPU (fewer "
+                 "multiplies; rounding differs, so masks can differ at near ties), or off for "
+                 "direct convolutions. Ignored on GPU.")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """Inference settings; the defaults are the published ones (DAVIS test-dev used mem_every=3)."""
