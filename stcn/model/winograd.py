@@ -16,8 +16,9 @@ and kept (see ``transformed_weight``).
 
 Rounding differs from a direct convolution: with F(2) the error is of the size of the
 direct convolution's own, with F(4) about ten times larger (the transforms' coefficients
-reach 8 and 1/24): 1.4e-5 of the largest output at the decoder's widths. ``conv3x3`` falls back to ``F.conv2d`` wherever Winograd does not
-apply (autograd recording, other devices or dtypes, no tile size given).
+reach 8 and 1/24): 1.4e-5 of the largest output at the decoder's widths. ``conv3x3``
+falls back to ``F.conv2d`` wherever Winograd does not apply (autograd recording, other
+devices or dtypes, no tile size given).
 """
 
 from __future__ import annotations
