@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import json
 import math
@@ -282,6 +283,34 @@ def make_optimizer(params: list[torch.nn.Parameter], stage: StageConfig) -> torc
         return torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
 
 
+#: MKL's code for its reproducible mode on the SSE2 code path (MKL_CBWR=COMPATIBLE): AUTO,
+#: the path chosen for this CPU, still let runs differ (measured).
+MKL_CBWR_COMPATIBLE = 3
+
+
+def reproducible_mkl() -> bool:
+    """Make torch's MKL give the same sums in every process; whether it could.
+
+    Two MKL defaults let two processes round the same matrix product differently, and so
+    the same training step (seen as a resumed step, or a whole run, differing in the last
+    bits now and then): a thread count it may lower by itself (dynamic), and code paths
+    chosen per call (e.g. by memory alignment) unless its conditional numerical
+    reproducibility is on. torch exposes neither switch, so they are set in torch's own
+    library; the second only works before MKL's first product (a fresh process: tools/train)
+    and is left alone when the environment sets MKL_CBWR (MKL reads it at start-up)."""
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    if not torch.backends.mkl.is_available() or not library.exists():
+        return False
+    try:
+        mkl = ctypes.CDLL(str(library))
+        mkl.MKL_Set_Dynamic(ctypes.c_int(0))  # the C (by value) entry
+        if os.environ.get("MKL_CBWR"):
+            return True
+        return mkl.mkl_serv_cbwr_set(ctypes.c_int(MKL_CBWR_COMPATIBLE)) == 0
+    except (OSError, AttributeError):  # another build: MKL linked otherwise
+        return False
+
+
 # --------------------------------------------------------------------------- signals
 class StopSignal:
     """Records SIGINT/SIGTERM/SIGUSR1 so the loop can checkpoint after the current step and
@@ -347,6 +376,15 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        # config.yaml records it: None without MKL or --deterministic
+        self.mkl_reproducible: bool | None = None
+        if options.deterministic and torch.backends.mkl.is_available():
+            self.mkl_reproducible = reproducible_mkl()
+            if not self.mkl_reproducible:
+                warnings.warn("--deterministic: MKL's reproducible mode could not be set in this "
+                              "process (a matrix product ran before); set MKL_CBWR=COMPATIBLE in the "
+                              "environment for bitwise repeatable runs", RuntimeWarning,
+                              stacklevel=2)
         self._start_streams()
 
         self.net = build_network(self.device, options.load_network, single_object=stage.single_object,
@@ -619,7 +657,8 @@ class Trainer:
         return resolved_config(self.stage, self.options, self.context.world_size,
                                device=str(self.device), amp=self.amp.describe(),
                                resumed_from=str(resumed_from) if resumed_from else None,
-                               start_iteration=self.iteration)
+                               start_iteration=self.iteration,
+                               mkl_reproducible=self.mkl_reproducible)
 
     def finish(self, result: TrainResult) -> TrainResult:
         """Write summary.json (main rank) for however the run ended; returns `result`."""
