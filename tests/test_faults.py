@@ -501,9 +501,10 @@ def test_signal_to_the_process_group_checkpoints_and_resumes_bitwise(train_set, 
         # uninterrupted run and compare it with itself.
         exit_, text = run_training(train_args(train_set, tmp_path / "again", workers, 400, "one.yaml",
                                               "--stop-after", stopped + 1), code)
+        assert exit_ == 0, text
         name_ = f"checkpoint_{stopped + 1:09d}.pt"
         again = state_differences(load_checkpoint(tmp_path / "again" / name_),
-                                  load_checkpoint(tmp_path / "whole" / name_)) if exit_ == 0 else "?"
+                                  load_checkpoint(tmp_path / "whole" / name_))
         pytest.fail("float weights differ: " + "; ".join(floats)
                     + f"; a second uninterrupted run differs from the first in {len(again)} tensors")
 

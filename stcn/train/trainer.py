@@ -288,8 +288,9 @@ def make_optimizer(params: list[torch.nn.Parameter], stage: StageConfig) -> torc
 MKL_CBWR_COMPATIBLE = 3
 
 
-def reproducible_mkl() -> bool:
-    """Make torch's MKL give the same sums in every process; whether it could.
+def reproducible_mkl() -> bool | None:
+    """Make torch's MKL give the same sums in every process; whether it could (None: this
+    torch has no MKL).
 
     Two MKL defaults let two processes round the same matrix product differently, and so
     the same training step (seen as a resumed step, or a whole run, differing in the last
@@ -298,8 +299,10 @@ def reproducible_mkl() -> bool:
     reproducibility is on. torch exposes neither switch, so they are set in torch's own
     library; the second only works before MKL's first product (a fresh process: tools/train)
     and is left alone when the environment sets MKL_CBWR (MKL reads it at start-up)."""
+    if not torch.backends.mkl.is_available():
+        return None
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-    if not torch.backends.mkl.is_available() or not library.exists():
+    if not library.exists():
         return False
     try:
         mkl = ctypes.CDLL(str(library))
@@ -371,20 +374,18 @@ class Trainer:
         self.run_dir = Path(options.run_dir)
         self.context = distributed.init_distributed(options.device)
         self.device = self.context.device
+        self.mkl_reproducible: bool | None = None  # config.yaml records it (None: not asked, no MKL)
         if options.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+            self.mkl_reproducible = reproducible_mkl()
+            if self.mkl_reproducible is False:
+                warnings.warn("--deterministic: MKL's reproducible mode could not be set in this "
+                              "process (a matrix product ran before, or this MKL lacks the switch); "
+                              "set MKL_CBWR=COMPATIBLE in the environment for bitwise repeatable "
+                              "runs", RuntimeWarning, stacklevel=2)
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        # config.yaml records it: None without MKL or --deterministic
-        self.mkl_reproducible: bool | None = None
-        if options.deterministic and torch.backends.mkl.is_available():
-            self.mkl_reproducible = reproducible_mkl()
-            if not self.mkl_reproducible:
-                warnings.warn("--deterministic: MKL's reproducible mode could not be set in this "
-                              "process (a matrix product ran before); set MKL_CBWR=COMPATIBLE in the "
-                              "environment for bitwise repeatable runs", RuntimeWarning,
-                              stacklevel=2)
         self._start_streams()
 
         self.net = build_network(self.device, options.load_network, single_object=stage.single_object,
