@@ -20,12 +20,9 @@ def _conv(layer: nn.Conv2d, x: torch.Tensor, tile: Optional[int], relu_input: bo
     """layer(relu(x)) or layer(x) (``channels`` (lo, hi): with weight[:, lo:hi] and, unless
     lo == 0, no bias); with a Winograd ``tile`` by ``winograd.conv3x3`` where that applies
     (CPU inference), else exactly as before."""
-    if tile is None:
-        x = F.relu(x) if relu_input else x
-        if channels is None:
-            return layer(x)
-        bias = layer.bias if channels[0] == 0 else None
-        return F.conv2d(x, layer.weight[:, channels[0]:channels[1]], bias, padding=layer.padding)
+    if tile is None and channels is None:
+        return layer(F.relu(x) if relu_input else x)
+    # A weight slice without a tile runs directly too: winograd.conv3x3's own fallback.
     bias = layer.bias if channels is None or channels[0] == 0 else None
     return winograd.conv3x3(x, layer.weight, bias, tile, relu_input=relu_input, channels=channels)
 
